@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
 settings.register_profile(
     "sparsediff",
     max_examples=int(os.environ.get("SPARSEDIFF_HYPOTHESIS_EXAMPLES", "25")),
