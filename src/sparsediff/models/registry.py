@@ -49,3 +49,24 @@ def _build_unet(**args: Any) -> nn.Module:
         if key in args:
             args[key] = tuple(args[key])
     return UNetDenoiser(**args)
+
+
+@register_model("dit")
+def _build_dit(**args: Any) -> nn.Module:
+    from .dit import build_dit
+
+    return build_dit(args.pop("size", "DiT-S"), **args)
+
+
+@register_model("chirodiff-gru")
+def _build_chirodiff_gru(**args: Any) -> nn.Module:
+    from .chirodiff import ChiroDiffGRU
+
+    return ChiroDiffGRU(**args)
+
+
+@register_model("chirodiff-transformer")
+def _build_chirodiff_transformer(**args: Any) -> nn.Module:
+    from .chirodiff import ChiroDiffTransformer
+
+    return ChiroDiffTransformer(**args)
