@@ -35,7 +35,7 @@ import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -44,6 +44,9 @@ from ..errors import ConfigError, StateError
 from .distribution import DISTRIBUTIONS, check_sparsity, layer_budgets, layer_densities
 from .schedule import DECAYS, UpdateSchedule, resolve_end_step
 from .targets import select_targets, unwrap_model
+
+if TYPE_CHECKING:
+    from .nm import NMSparseEngine
 
 METHODS = ("dense", "static", "rigl", "magran")
 STATE_FORMAT = "sparsediff.sparse/1"
@@ -68,7 +71,9 @@ class SparseConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ConfigError(f"unknown sparse method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise ConfigError(
+                f"unknown sparse method {self.method!r}; choose one of {', '.join(METHODS)} (or srste for N:M)"
+            )
         check_sparsity(self.sparsity)
         if self.distribution not in DISTRIBUTIONS:
             raise ConfigError(
@@ -613,14 +618,21 @@ def sparsify(
     seed: int = 0,
     erk_power: float = 1.0,
     rescale_init: bool = False,
-) -> SparseEngine:
+    nm: str | tuple[int, int] | None = None,
+    srste_lambda: float | None = None,
+    progressive: Sequence[str] | None = None,
+    nm_incompatible: str = "dense",
+) -> SparseEngine | NMSparseEngine:
     """Make ``model`` sparse from now on and return the engine that keeps it so.
 
     Args:
         model: any ``nn.Module`` (DDP and ``torch.compile`` wrappers are looked through).
         optimizer: the optimiser that trains ``model``; ``None`` builds an engine for inspection only.
         method: ``"dense"`` (no masks), ``"static"`` (random mask fixed at the start), ``"rigl"`` (drop by
-            magnitude, grow by dense-gradient magnitude) or ``"magran"`` (drop by magnitude, grow at random).
+            magnitude, grow by dense-gradient magnitude), ``"magran"`` (drop by magnitude, grow at random)
+            or ``"srste"`` (N:M masks recomputed every forward pass, SR-STE gradients: returns an
+            :class:`~sparsediff.sparse.nm.NMSparseEngine`; only ``nm``, ``srste_lambda``, ``progressive``,
+            ``nm_incompatible``, ``include`` and ``exclude`` apply to it).
         sparsity: global fraction of zeros over the target weights, in [0, 1).
         distribution: how the sparsity is spread over layers: ``"uniform"``, ``"er"`` or ``"erk"``.
         prune_ratio: fraction of each layer's active weights moved at the first update, in (0, 1].
@@ -633,7 +645,28 @@ def sparsify(
         seed: seeds the initial masks and MagRan's growth.
         erk_power: exponent on ER/ERK raw densities.
         rescale_init: divide the active initial weights by ``sqrt(density)``.
+        nm: ``"srste"`` only: the N:M pattern (``"2:4"`` by default).
+        srste_lambda: ``"srste"`` only: decay of the pruned weights in the backward pass (2e-4 by default).
+        progressive: ``"srste"`` only: N:M schedule such as ``["7:8@0", "4:8@1000", "2:4@2000"]``.
+        nm_incompatible: ``"srste"`` only: keep layers whose input size is not a multiple of M ``"dense"``
+            or raise (``"error"``).
     """
+    if method == "srste":
+        from .nm import sparsify_nm
+
+        return sparsify_nm(
+            model,
+            optimizer,
+            method=method,
+            nm=nm,
+            srste_lambda=srste_lambda,
+            progressive=progressive,
+            nm_incompatible=nm_incompatible,
+            include=include,
+            exclude=exclude,
+        )
+    if nm is not None or srste_lambda is not None or progressive is not None:
+        raise ConfigError(f"nm, srste_lambda and progressive apply to method='srste' only, not {method!r}")
     if method in ("rigl", "magran"):
         end = resolve_end_step(end_step, total_steps, end_fraction)
     else:

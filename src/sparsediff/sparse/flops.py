@@ -130,8 +130,10 @@ def _densities_from(sparsity: Any, names: list[str], params: Mapping[str, torch.
     """Accepts an engine, a name->mask mapping, a name->density mapping or None (measured from weights)."""
     from .engine import SparseEngine
 
-    if isinstance(sparsity, SparseEngine):
-        return {n: sparsity.budgets[n] / params[n].numel() for n in sparsity.names}
+    if isinstance(sparsity, SparseEngine) or (hasattr(sparsity, "budgets") and hasattr(sparsity, "names")):
+        # SparseEngine, or an engine alike (NMSparseEngine: budgets of the N:M pattern in force)
+        budgets = sparsity.budgets
+        return {n: budgets[n] / params[n].numel() for n in sparsity.names}
     if sparsity is None:
         return {n: float(torch.count_nonzero(params[n].detach())) / params[n].numel() for n in names}
     out = {}
@@ -173,6 +175,23 @@ def count_flops(
         key = _storage_key(params[n])
         if key is not None:
             owners[key] = n
+    # An N:M engine puts a masked copy (another storage) in place of the weight while its module runs;
+    # it reports the copy so that the products reading it are charged to the layer.
+    placed: dict[str, int] = {}
+
+    def on_weight_use(name: str, tensor: torch.Tensor | None) -> None:
+        if tensor is None:
+            key = placed.pop(name, None)
+            if key is not None and owners.get(key) == name:
+                del owners[key]
+        elif name in densities:
+            key = _storage_key(tensor)
+            if key is not None:
+                placed[name] = key
+                owners[key] = name
+
+    track = getattr(sparsity, "track_weight_uses", None)
+    tracking = track(on_weight_use) if callable(track) else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     # cuDNN's fused RNN kernels do not decompose; the native path exposes each product. Autograd stays on
@@ -183,7 +202,7 @@ def count_flops(
         else contextlib.nullcontext()
     )
     try:
-        with ctx, torch.enable_grad(), _AttributingFlopMode(owners) as mode:
+        with ctx, tracking, torch.enable_grad(), _AttributingFlopMode(owners) as mode:
             if isinstance(example_inputs, Mapping):
                 model(**example_inputs)
             else:
