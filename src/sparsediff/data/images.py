@@ -5,8 +5,9 @@ Every dataset returns float images ``(C, H, W)`` in ``[-1, 1]`` and carries a ``
 found, skipped and used) so that a run can record exactly which data it trained on.
 
 Folder datasets are split reproducibly: the sorted list of image files is shuffled with
-``torch.Generator().manual_seed(data.split_seed)``; the first ``train_size`` readable files are the train
-split and the next ``val_size`` the validation split. Files are checked (decoded) in that shuffled order
+``torch.Generator().manual_seed(data.split_seed)``; the first ``val_size`` readable files are the validation
+split and the next ``train_size`` the train split (validation first, so the held-out set that FID uses
+does not change when ``train_size`` does). Files are checked (decoded) in that shuffled order
 and only as far as needed, so pointing ``data.root`` at a folder of 300k LSUN images costs a directory
 listing plus ~13k decodes, not 300k. Corrupt files are skipped and listed in the report.
 """
@@ -414,7 +415,8 @@ def _folder_split(spec: DataSpec, split: str, verify: bool) -> ImageFolderDatase
             f"{root} has {n} readable images{skipped} but dataset {spec.name!r} needs "
             f"data.train_size={train_size} + data.val_size={val_size} = {train_size + val_size}"
         )
-    files = good[:train_size] if split == "train" else good[train_size : train_size + val_size]
+    # Validation first: the held-out set (what FID compares against) stays the same whatever train_size is.
+    files = good[val_size : val_size + train_size] if split == "train" else good[:val_size]
     ds = ImageFolderDataset(files, spec.image_size, spec.channels)
     ds.report = _folder_report(spec, split, root, len(candidates), bad, checked, len(files))
     ds.report.update(train_size=train_size, val_size=val_size)
