@@ -1,0 +1,221 @@
+"""Latent diffusion end to end: first stage, training, resumption, faults, sampling and evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsediff.checkpoint import CheckpointDir, load_tensors
+from sparsediff.cli import main as cli
+from sparsediff.config import load_config
+from sparsediff.errors import ConfigError, DataError, TrainingError
+from sparsediff.train import train
+
+TINY = str(Path(__file__).parent / "configs" / "tiny-ldm.yaml")
+
+
+@pytest.fixture(scope="module")
+def first_stage(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fs") / "autoencoder"
+    assert cli(["train-autoencoder", "--preset", TINY, "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def tiny(first_stage: Path, **sections) -> object:
+    overrides = {"first_stage": {"path": str(first_stage)}}
+    for section, values in sections.items():
+        overrides.setdefault(section, {}).update(values)
+    return load_config(TINY, overrides)
+
+
+def _state(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    ckpt = CheckpointDir(run / "checkpoints").latest()
+    out = {}
+    for name in ("model", "ema", "optimizer", "engine"):
+        out[name] = load_tensors(ckpt / f"{name}.safetensors")[0]
+    return out
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    sa, sb = _state(a), _state(b)
+    for name in sa:
+        assert sa[name].keys() == sb[name].keys(), name
+        for k in sa[name]:
+            assert torch.equal(sa[name][k], sb[name][k]), f"{name}:{k}"
+
+
+def test_first_stage_directory(first_stage):
+    meta = json.loads((first_stage / "sparsediff_first_stage.json").read_text())
+    assert meta["latent_shape"] == [4, 8, 8] and meta["scale"] > 0
+    # a second call reuses it
+    assert cli(["train-autoencoder", "--preset", TINY, "--out", str(first_stage), "--quiet"]) == 0
+
+
+def test_train_sample_evaluate(first_stage, tmp_path):
+    run = tmp_path / "rigl"
+    cfg = tiny(first_stage, sparse={"method": "rigl", "sparsity": 0.5, "update_every": 4})
+    summary = train(cfg, run, quiet=True)
+    assert summary["finished"] and summary["steps"] == 20 and summary["topology_updates"] >= 3
+    assert abs(summary["target_density"] - 0.5) < 1e-3
+    assert summary["flops_forward_sparse"] < summary["flops_forward_dense"]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [5, 10, 15, 20]
+    assert all(math.isfinite(r["loss"]) and r["density"] == pytest.approx(0.5, abs=1e-3) for r in lines)
+    assert sum(r["topology_changes"] for r in lines) > 0
+
+    assert (
+        cli(
+            [
+                "sample",
+                "--run",
+                str(run),
+                "--num",
+                "6",
+                "--steps",
+                "4",
+                "--quiet",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
+    pngs = sorted((tmp_path / "s").glob("0*.png"))
+    assert len(pngs) == 6 and (tmp_path / "s" / "grid.png").exists()
+
+    assert cli(["evaluate", "--run", str(run), "--num-samples", "32", "--quiet"]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["fid"]["metric"] == "fid_sparsediff_fmnist" and ev["fid"]["value"] > 0
+    assert ev["num_reference"] == 128
+    # EMA weights carry the final masks: exactly the run's non-zeros
+    assert ev["params_nonzero"] <= summary["params_nonzero"]
+    assert ev["flops_per_step_sparse"] < ev["flops_per_step_dense"]
+    assert ev["flops_per_sample_sparse"] == ev["flops_per_step_sparse"] * 5 + ev["flops_decode"]
+
+
+@pytest.mark.parametrize("method", ["rigl", "magran"])
+def test_resume_equals_straight_run(first_stage, tmp_path, method):
+    cfg = tiny(first_stage, sparse={"method": method, "sparsity": 0.6, "update_every": 3})
+    train(cfg, tmp_path / "straight", quiet=True)
+    train(cfg, tmp_path / "parts", quiet=True, stop_after=10)
+    assert CheckpointDir(tmp_path / "parts" / "checkpoints").latest().name == "step-00000010"
+    train(cfg, tmp_path / "parts", resume=True, quiet=True)
+    assert_same_state(tmp_path / "straight", tmp_path / "parts")
+
+
+def test_resume_rejects_another_configuration(first_stage, tmp_path):
+    cfg = tiny(first_stage, sparse={"method": "rigl", "sparsity": 0.5}, train={"max_steps": 4})
+    train(cfg, tmp_path / "run", quiet=True)
+    other = tiny(first_stage, sparse={"method": "rigl", "sparsity": 0.7}, train={"max_steps": 4})
+    with pytest.raises(ConfigError, match=r"differs in sparse.sparsity \(0.5 there, 0.7 now\)"):
+        train(other, tmp_path / "run", resume=True, quiet=True)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg, tmp_path / "run", quiet=True)
+    longer = tiny(first_stage, sparse={"method": "rigl", "sparsity": 0.5}, train={"max_steps": 6})
+    assert train(longer, tmp_path / "run", resume=True, quiet=True)["steps"] == 6
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(first_stage, tmp_path, monkeypatch):
+    from sparsediff.tasks.latent import LatentDiffusionTask
+
+    real = LatentDiffusionTask.loss
+    calls = {"n": 0}
+
+    def flaky(self, model, batch, generator):
+        calls["n"] += 1
+        loss = real(self, model, batch, generator)
+        return loss * float("nan") if calls["n"] == 13 else loss
+
+    monkeypatch.setattr(LatentDiffusionTask, "loss", flaky)
+    run = tmp_path / "nan"
+    with pytest.raises(TrainingError, match="loss became nan at step 13.*step-00000010"):
+        train(tiny(first_stage, train={"ckpt_every": 5}), run, quiet=True)
+    ckpts = CheckpointDir(run / "checkpoints")
+    assert ckpts.latest().name == "step-00000010"
+    model = load_tensors(ckpts.latest() / "model.safetensors")[0]
+    assert all(torch.isfinite(v).all() for v in model.values())
+
+
+def test_bad_input_messages(first_stage, tmp_path, capsys):
+    assert (
+        cli(["train", "--preset", TINY, "--set", "train.nope=1", "--out", str(tmp_path / "x"), "--quiet"])
+        == 2
+    )
+    assert "unknown key 'nope'" in capsys.readouterr().err
+    assert cli(["train", "--preset", "no-such-preset", "--quiet"]) == 2
+    assert "unknown preset 'no-such-preset'" in capsys.readouterr().err
+    assert cli(["train", "--preset", TINY, "--out", str(tmp_path / "y"), "--quiet"]) == 2
+    assert "first_stage.path is not set" in capsys.readouterr().err
+    assert (
+        cli(
+            [
+                "train",
+                "--preset",
+                TINY,
+                "--method",
+                "rigl",
+                "--first-stage",
+                str(first_stage),
+                "--out",
+                str(tmp_path / "z"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert "needs --sparsity" in capsys.readouterr().err
+    cfg = load_config("ldm-celebahq", {"data": {"root": str(tmp_path / "missing")}})
+    from sparsediff.data.images import build_image_dataset
+
+    with pytest.raises(DataError, match="missing"):
+        build_image_dataset(cfg.data, "train")
+
+
+def test_pretrained_diffusers_first_stages_load(tmp_path):
+    from diffusers import AutoencoderKL, VQModel
+
+    from sparsediff.models.autoencoder import FirstStage
+
+    torch.manual_seed(0)
+    kl = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        latent_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        layers_per_block=1,
+        scaling_factor=0.5,
+    )
+    kl.save_pretrained(tmp_path / "kl")
+    vq = VQModel(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        latent_channels=3,
+        num_vq_embeddings=32,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
+    vq.save_pretrained(tmp_path / "vq")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    fs = FirstStage.load(tmp_path / "kl")
+    assert fs.kind == "kl" and fs.scale == 0.5 and fs.latent_shape(16) == (3, 8, 8)
+    z = fs.encode(x)
+    assert z.shape == (2, 3, 8, 8)
+    assert torch.allclose(z, kl.encode(x).latent_dist.mode() * 0.5, atol=1e-6)
+    assert fs.decode(z).shape == x.shape
+    fq = FirstStage.load(tmp_path / "vq")
+    assert fq.kind == "vq" and fq.latent_shape(16) == (3, 8, 8)
+    scale = fq.estimate_scale(x)
+    assert scale == pytest.approx(1 / fq.encode_unscaled(x).std().item())
+    assert fq.decode(fq.encode(x)).shape == x.shape
+    with pytest.raises(ConfigError, match="no config.json"):
+        FirstStage.load(tmp_path)
