@@ -37,7 +37,9 @@ def test_add_noise_agrees_with_diffusers(schedule):
 
     names = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
     ours = NoiseSchedule(make_betas(schedule, 1000, 0.0015, 0.0195))
-    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule=names[schedule])
+    ref = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule=names[schedule]
+    )
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(16, 4, 8, 8, generator=g)
     noise = torch.randn(16, 4, 8, 8, generator=g)
@@ -53,8 +55,14 @@ def test_ddpm_step_matches_diffusers():
     from diffusers import DDPMScheduler
 
     ours = NoiseSchedule(make_betas("scaled_linear", 1000, 0.0015, 0.0195))
-    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
-                        beta_schedule="scaled_linear", clip_sample=False, variance_type="fixed_small")
+    ref = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0015,
+        beta_end=0.0195,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        variance_type="fixed_small",
+    )
     ref.set_timesteps(1000)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 3, 5, 5, generator=g)
@@ -76,13 +84,38 @@ def test_ddim_eta1_all_steps_equals_ddpm():
 
     shape = (3, 2, 4, 4)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    a = sample(eps_model, sched, shape, sampler="ddpm", generator=torch.Generator().manual_seed(7), x_T=x_T,
-               dtype=torch.float64)
-    b = sample(eps_model, sched, shape, sampler="ddim", steps=1000, eta=1.0,
-               generator=torch.Generator().manual_seed(7), x_T=x_T, dtype=torch.float64)
+    a = sample(
+        eps_model,
+        sched,
+        shape,
+        sampler="ddpm",
+        generator=torch.Generator().manual_seed(7),
+        x_T=x_T,
+        dtype=torch.float64,
+    )
+    b = sample(
+        eps_model,
+        sched,
+        shape,
+        sampler="ddim",
+        steps=1000,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(7),
+        x_T=x_T,
+        dtype=torch.float64,
+    )
     assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
-    c = sample(eps_model, sched, shape, sampler="ddim", steps=1000, eta=0.0,
-               generator=torch.Generator().manual_seed(7), x_T=x_T, dtype=torch.float64)
+    c = sample(
+        eps_model,
+        sched,
+        shape,
+        sampler="ddim",
+        steps=1000,
+        eta=0.0,
+        generator=torch.Generator().manual_seed(7),
+        x_T=x_T,
+        dtype=torch.float64,
+    )
     assert not torch.allclose(a, c, atol=1e-3)
 
 
@@ -101,16 +134,30 @@ def test_gaussian_oracle_samplers_recover_data_std(s):
     """For x0 ~ N(0, s^2 I) the optimal predictor is known; a correct sampler returns std ~ s."""
     sched = NoiseSchedule(make_betas("scaled_linear", 1000, 0.0015, 0.0195))
     shape = (4000, 16)
-    x = sample(_oracle(sched, s), sched, shape, sampler="ddpm", generator=torch.Generator().manual_seed(0),
-               dtype=torch.float64)
+    x = sample(
+        _oracle(sched, s),
+        sched,
+        shape,
+        sampler="ddpm",
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+    )
     assert abs(x.std().item() / s - 1) < 0.02
     assert abs(x.mean().item()) < 0.02 * s
     # Deterministic DDIM integrates the probability-flow ODE to first order: the error shrinks as the
     # number of steps grows, to within 1 % at 1000 steps.
     errors = []
     for steps in (10, 50, 200, 1000):
-        y = sample(_oracle(sched, s), sched, shape, sampler="ddim", steps=steps, eta=0.0,
-                   generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        y = sample(
+            _oracle(sched, s),
+            sched,
+            shape,
+            sampler="ddim",
+            steps=steps,
+            eta=0.0,
+            generator=torch.Generator().manual_seed(0),
+            dtype=torch.float64,
+        )
         errors.append(abs(y.std().item() / s - 1))
     assert errors == sorted(errors, reverse=True)
     assert errors[1] < 0.10 and errors[2] < 0.03 and errors[3] < 0.01
@@ -119,9 +166,17 @@ def test_gaussian_oracle_samplers_recover_data_std(s):
 def test_variance_scale_shrinks_ancestral_noise():
     sched = NoiseSchedule(make_betas("linear", 1000, 1e-4, 2e-2))
     shape = (2000, 8)
-    full = sample(_oracle(sched, 1.0), sched, shape, sampler="ddpm", generator=torch.Generator().manual_seed(0))
-    shrunk = sample(_oracle(sched, 1.0), sched, shape, sampler="ddpm", variance_scale=0.75,
-                    generator=torch.Generator().manual_seed(0))
+    full = sample(
+        _oracle(sched, 1.0), sched, shape, sampler="ddpm", generator=torch.Generator().manual_seed(0)
+    )
+    shrunk = sample(
+        _oracle(sched, 1.0),
+        sched,
+        shape,
+        sampler="ddpm",
+        variance_scale=0.75,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert shrunk.std() < full.std() * 0.95
 
 

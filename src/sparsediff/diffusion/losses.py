@@ -21,6 +21,8 @@ def epsilon_loss(
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     model_kwargs: dict | None = None,
+    teacher=None,
+    distill_weight: float = 0.0,
 ) -> torch.Tensor:
     """``E ||eps - model(x_t, t)||^2`` with ``t`` uniform and ``x_t = sqrt(ab) x0 + sqrt(1 - ab) eps``.
 
@@ -30,6 +32,8 @@ def epsilon_loss(
         generator: CPU generator for ``t`` and ``eps`` (explicit, so runs are reproducible and resumable).
         mask: optional (N, L) or broadcastable 0/1 mask of valid positions (padding excluded); the loss is
             then averaged over valid entries of each sample, then over samples.
+        teacher: optional frozen model; adds ``distill_weight * ||teacher(x_t, t) - model(x_t, t)||^2``
+            (SparseDM's distillation), computed on the same ``x_t`` and ``t``.
     """
     n = x0.shape[0]
     if t is None:
@@ -38,7 +42,16 @@ def epsilon_loss(
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
     x_t = schedule.add_noise(x0, noise, t)
     pred = model(x_t, t, **(model_kwargs or {}))
-    err = (pred.float() - noise.float()) ** 2
+    loss = _masked_mse(pred, noise, mask)
+    if teacher is not None and distill_weight:
+        with torch.no_grad():
+            target = teacher(x_t, t, **(model_kwargs or {}))
+        loss = loss + distill_weight * _masked_mse(pred, target, mask)
+    return loss
+
+
+def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    err = (pred.float() - target.float()) ** 2
     if mask is None:
         return err.mean()
     m = mask.to(err.dtype)
