@@ -101,6 +101,9 @@ class TrainSpec:
     log_every: int = 25
     seed: int = 0
     distill_weight: float = 0.1  # fine-tuning: weight of the teacher term
+    # fine-tuning: safetensors weights the denoiser starts from (relative: to the run directory); with
+    # distill_weight > 0 they are also the frozen teacher. `sparsediff finetune` sets it.
+    init_from: str | None = None
 
 
 @dataclass
@@ -111,6 +114,11 @@ class SampleSpec:
     num: int = 64
     batch_size: int = 64
     variance_scale: float = 1.0  # ChiroDiff multiplies the DDPM variance (0.75 there)
+    # ChiroDiff decoding: a generated point ends a stroke when its pen value exceeds this. The data's pen
+    # channel is exactly 0 or 1 (1 on the last point of each stroke; ChiroDiff's own encoding too), so any
+    # value in (0, 1) decodes real data; 0.8, the paper's value, lifts the pen only on confident points,
+    # which favours fewer, longer strokes over strokes broken by noise.
+    pen_threshold: float = 0.8
 
 
 @dataclass

@@ -13,10 +13,12 @@ straight steps bit for bit.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +110,7 @@ def _engine_kwargs(cfg: RunConfig, steps: int) -> dict[str, Any]:
     kw: dict[str, Any] = dict(method=s.method, include=s.include or None, exclude=s.exclude or None)
     if s.method == "srste":
         kw.update(
-            nm=s.nm,
+            nm=None if s.progressive else s.nm,  # a progressive schedule names its own patterns
             srste_lambda=s.srste_lambda,
             progressive=s.progressive or None,
             nm_incompatible=s.nm_incompatible,
@@ -154,6 +156,12 @@ def load_ema(ema, model: torch.nn.Module, path: Path) -> None:
 
 def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     tensors, _ = load_tensors(path)
+    load_state_checked(model, tensors, path)
+
+
+def load_state_checked(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], path: Any) -> None:
+    """``model.load_state_dict(tensors, strict=True)`` with an error naming ``path`` and the first
+    missing, unexpected or mis-shaped entries."""
     own = model.state_dict()
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
@@ -170,7 +178,34 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
                 f"{k} has shape {tuple(tensors[k].shape)} in the file, {tuple(own[k].shape)} in the model"
             )
         raise StateError(f"{path} does not fit this model: " + "; ".join(parts))
-    model.load_state_dict(tensors, strict=True)
+    model.load_state_dict(dict(tensors), strict=True)
+
+
+def load_init_weights(
+    init: str | Path | Mapping[str, torch.Tensor] | None, run_dir: Path
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+    """The weights a run starts from (``train.init_from`` or ``train(init_weights=...)``) and what they are.
+
+    A relative path is looked up in the run directory first (``sparsediff finetune`` copies the source
+    weights to ``RUN/init.safetensors``, so a run directory stays self-contained and resumable), then in
+    the working directory. The file's metadata key ``sparsediff_init`` (JSON) describes the source.
+    """
+    if init is None:
+        return None, None
+    if isinstance(init, Mapping):
+        return dict(init), {"path": None}
+    path = Path(init)
+    if not path.is_absolute() and (run_dir / path).exists():
+        path = run_dir / path
+    if not path.exists():
+        raise ConfigError(
+            f"train.init_from: {init!s} does not exist (looked in {run_dir} and the working directory)"
+        )
+    tensors, meta = load_tensors(path)
+    info = {"path": str(path)}
+    if "sparsediff_init" in meta:
+        info.update(json.loads(meta["sparsediff_init"]))
+    return tensors, info
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -204,6 +239,7 @@ def train(
     resume: bool = False,
     quiet: bool = False,
     stop_after: int | None = None,
+    init_weights: str | Path | Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir``; returns the summary (also written to ``summary.json``).
 
@@ -211,6 +247,10 @@ def train(
         resume: continue from the run directory's latest checkpoint.
         stop_after: stop (with a checkpoint) after this many optimiser steps in this process; for tests
             and for running long jobs in parts.
+        init_weights: denoiser weights to start from (a safetensors path or a state dict); defaults to
+            ``cfg.train.init_from``. With ``cfg.train.distill_weight > 0`` a frozen dense copy of them is
+            the teacher of SparseDM's distillation loss. On resume the student comes from the checkpoint
+            and the teacher again from these weights.
     """
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
@@ -240,6 +280,15 @@ def train(
     task = make_task(cfg, run_dir)
     torch.manual_seed(t_cfg.seed)  # the same initial weights on every rank
     model = task.build_model().to(device)
+    init_state, init_info = load_init_weights(
+        init_weights if init_weights is not None else t_cfg.init_from, run_dir
+    )
+    teacher = None
+    if init_state is not None:
+        load_state_checked(model, init_state, init_info.get("path") or "init_weights")
+        if t_cfg.distill_weight > 0:
+            # copied before the engine adds its hooks: the teacher stays dense (see sparse/nm.py)
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
     data = task.train_data(device, is_main=is_main, barrier=accelerator.wait_for_everyone, progress=not quiet)
     steps = total_steps(cfg, len(data))
     optimizer = torch.optim.AdamW(
@@ -283,6 +332,7 @@ def train(
         flops.flops_sparse * t_cfg.batch_size,
         cfg.sparse.update_every,
     )
+    teacher_flops = flops.flops_dense * t_cfg.batch_size if teacher is not None else 0  # its forward
 
     def save_checkpoint(step: int) -> Path | None:
         accelerator.wait_for_everyone()
@@ -331,7 +381,12 @@ def train(
                 sync = m == t_cfg.grad_accum - 1
                 ctx = accelerator.no_sync(model) if not sync else _null()
                 with ctx, accelerator.autocast():
-                    loss = task.loss(model, batch, gen) / t_cfg.grad_accum
+                    if teacher is None:
+                        loss = task.loss(model, batch, gen)
+                    else:
+                        w = t_cfg.distill_weight
+                        loss = task.loss(model, batch, gen, teacher=teacher, distill_weight=w)
+                    loss = loss / t_cfg.grad_accum
                 accelerator.backward(loss)
                 loss_sum += loss.detach()
             # Stop before a non-finite loss reaches the weights (all ranks agree on the verdict).
@@ -370,6 +425,7 @@ def train(
                     "density": report.target_density,
                     "topology_updates": getattr(engine, "num_updates", 0),
                     "topology_changes": window["new"],
+                    **({"pattern": str(engine.pattern)} if hasattr(engine, "pattern") else {}),
                     "step_time": window["time"] / window["n"],
                     "samples_per_s": t_cfg.batch_size * window["n"] / max(window["time"], 1e-9),
                 }
@@ -412,7 +468,7 @@ def train(
             "topology_updates": getattr(engine, "num_updates", 0),
             "flops_forward_dense": flops.flops_dense,
             "flops_forward_sparse": flops.flops_sparse,
-            "flops_train_per_step": per_step,
+            "flops_train_per_step": per_step + teacher_flops,
             "flops_train_total": training_flops_total(
                 cfg.sparse.method if cfg.sparse.method != "srste" else "dense",
                 flops.flops_dense * t_cfg.batch_size,
@@ -420,9 +476,12 @@ def train(
                 steps,
                 cfg.sparse.update_every,
                 getattr(getattr(engine, "config", None), "end_step", None),
-            ),
+            )
+            + teacher_flops * steps,
             "flops_train_total_dense": 3.0 * flops.flops_dense * t_cfg.batch_size * steps,
             "checkpoint": str(last_ckpt) if last_ckpt else None,
+            "init_from": init_info,
+            "distill_weight": t_cfg.distill_weight if teacher is not None else 0.0,
             "task": task.describe(),
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

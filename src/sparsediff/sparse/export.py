@@ -322,8 +322,18 @@ def to_semi_structured(
         else:
             sparse = torch.sparse.to_sparse_semi_structured(weight)
         setattr(mod, attr, nn.Parameter(sparse, requires_grad=False))
+        mod.register_forward_pre_hook(_semi_structured_contiguous_input)
     model.semi_structured_report = report
     return model
+
+
+def _semi_structured_contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
+    # torch's semi-structured F.linear (``semi_sparse_linear``) flattens the input with ``.view(-1, k)``,
+    # which fails on a non-contiguous input, such as diffusers' attention projections read after a
+    # transpose; ``.contiguous()`` is free for the usual contiguous input.
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
 
 
 def _engine_modules(engine: NMSparseEngine) -> set[nn.Module]:
