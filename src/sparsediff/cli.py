@@ -251,11 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the main demo on bundled data")
     p.add_argument("--engine", action="store_true", help="engine-only demo on synthetic data")
-    p.add_argument("--steps", type=int, help="denoiser training steps (default: the preset's)")
+    p.add_argument("--steps", type=int, default=1500, help="denoiser training steps")
     p.add_argument("--num-samples", type=int, default=500, help="samples per model for FID")
     p.add_argument("--out", default="runs/demo", help="demo directory")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_lazy("demo"))
+
+    from . import experiments, export_cmd, finetune
+
+    finetune.add_parser(sub)
+    export_cmd.add_parser(sub)
+    experiments.add_sweep_parser(sub)
+    experiments.add_report_parser(sub)
     return parser
 
 
