@@ -10,6 +10,7 @@ never with published Inception FIDs.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,9 @@ def evaluate_run(
         "sample_seconds": sample_seconds,
         "grid": str(grid),
     }
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    tmp = run_dir / f".eval.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, run_dir / "eval.json")  # atomic: a reader never sees half a file
     return result
 
 

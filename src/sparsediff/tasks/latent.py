@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -150,7 +151,7 @@ class LatentDiffusionTask(Task):
         path = self._cache_path()
         if is_main and not path.exists():
             latents = self.encode_dataset(progress)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".tmp-{os.getpid()}")  # two processes may encode at once
             save_tensors(tmp, {"latents": latents}, {"scale": str(self.first_stage.scale)})
             tmp.replace(path)
         if barrier is not None:
