@@ -295,6 +295,27 @@ def test_train_strokes_net_and_use_it_for_fid(tmp_path):
     assert r_same["value"] < 0.1 * r_diff["value"]
 
 
+def test_stroke_feature_data_from_kanjivg_and_shipped_asset():
+    assert [feat.stroke_count_class(n) for n in (1, 2, 19, 20, 31)] == [0, 1, 18, 19, 19]
+    with pytest.raises(DataError, match="at least one stroke"):
+        feat.stroke_count_class(0)
+    images, labels, groups = feat.make_stroke_feature_data(copies=3, limit=12, progress=False)
+    assert images.dtype == torch.uint8 and images.shape == (36, 32, 32)
+    assert labels.shape == groups.shape == (36,)
+    # Each character gives `copies` rasters with one label; the copies differ (augmentation).
+    assert torch.equal(groups, torch.arange(12).repeat_interleave(3))
+    assert all(labels[3 * i : 3 * i + 3].unique().numel() == 1 for i in range(12))
+    assert not torch.equal(images[0], images[1]) and images.float().mean() > 1.0
+    again, _, _ = feat.make_stroke_feature_data(copies=3, limit=12, progress=False)
+    assert torch.equal(images, again)  # seeded
+    meta = json.loads(feat.asset_path("strokes").with_suffix(".json").read_text())
+    assert meta["kind"] == "strokes" and meta["num_classes"] == feat.STROKE_CLASSES
+    assert meta["sha256"] == feat.sha256_file(feat.asset_path("strokes"))
+    # 20-way stroke counting on held-out characters: well above chance (uniform chance is 5 %).
+    assert meta["test_accuracy"] > 0.3
+    assert load_feature_net("strokes").config.num_classes == feat.STROKE_CLASSES
+
+
 # ----------------------------------------------------------------------------------------------------
 # Inception path
 # ----------------------------------------------------------------------------------------------------

@@ -1,17 +1,134 @@
-"""``sparsediff demo``: the main job on bundled data, end to end.
+"""``sparsediff demo``: the main job on bundled data, end to end, in about a quarter of an hour on 2 cores.
 
-``--engine`` runs the engine-only demo: the same small network trained dense and 90 %-sparse with RigL
-on a synthetic regression task (a fixed random teacher), printing losses and the density report.
+Fashion-MNIST latent diffusion: train (or reuse) the first stage, train a dense and a RigL 50 %
+denoiser from the same seed, sample and evaluate both, and write ``runs/demo/report.md`` with the table
+(FID in the shipped feature space, non-zero parameters, FLOPs, training time) and sample grids.
+Finished steps are reused: running it again only redoes what is missing.
+
+``--engine`` runs the engine-only demo instead: a small network trained dense and 90 %-sparse with RigL
+on a synthetic regression task, printing losses and the density report.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from .sparse import count_flops, sparsify
+
+DEMO_DIR = Path("runs/demo")
+
+
+# ---------------------------------------------------------------------------- the main demo
+
+
+def _fmt_flops(x: float | None) -> str:
+    from .sparse.flops import format_flops
+
+    return "-" if x is None else format_flops(x)
+
+
+def run_demo(
+    out: Path = DEMO_DIR,
+    steps: int | None = None,
+    num_samples: int = 500,
+    quiet: bool = False,
+    methods: tuple[tuple[str, float], ...] = (("dense", 0.0), ("rigl", 0.5)),
+) -> Path:
+    from .config import load_config
+    from .evaluate import evaluate_run
+    from .train import train
+    from .train_autoencoder import train_autoencoder
+
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    say = (lambda *a: None) if quiet else print
+    say(f"[demo] 1/4 first stage (autoencoder) -> {out / 'autoencoder'}")
+    base_overrides: dict[str, Any] = {"data": {"train_size": 20000}}
+    cfg = load_config("ldm-fmnist", base_overrides)
+    ae = train_autoencoder(cfg, out / "autoencoder", quiet=quiet)
+    rows = []
+    for i, (method, sparsity) in enumerate(methods):
+        overrides = {
+            **base_overrides,
+            "first_stage": {"path": str(out / "autoencoder")},
+            "sparse": {"method": method, "sparsity": sparsity},
+        }
+        if steps:
+            overrides["train"] = {"max_steps": steps}
+        run_cfg = load_config("ldm-fmnist", overrides)
+        run_dir = out / (method if method == "dense" else f"{method}-{int(sparsity * 100)}")
+        done = run_dir / "summary.json"
+        if done.exists() and json.loads(done.read_text()).get("finished"):
+            say(f"[demo] {i + 2}/4 reusing the finished run {run_dir}")
+        else:
+            say(f"[demo] {i + 2}/4 training {method} (sparsity {sparsity:g}) -> {run_dir}")
+            train(run_cfg, run_dir, resume=(run_dir / "config.yaml").exists(), quiet=quiet)
+        say(f"[demo]     evaluating {run_dir} on {num_samples} samples")
+        result = evaluate_run(run_dir, num_samples=num_samples, quiet=quiet)
+        rows.append((method, sparsity, run_dir, result))
+    report = write_report(out, rows, ae, time.perf_counter() - t_start)
+    say(f"[demo] 4/4 report written to {report.resolve()}")
+    return report
+
+
+def write_report(out: Path, rows: list, ae: dict[str, Any], seconds: float) -> Path:
+    dense = next((r for r in rows if r[0] == "dense"), None)
+    metric = rows[0][3]["fid"]["metric"]
+    lines = [
+        "# sparsediff demo: latent diffusion on Fashion-MNIST, dense vs RigL",
+        "",
+        f"First stage: KL autoencoder, latents {tuple(ae.get('latent_shape', []))}, held-out reconstruction MSE "
+        f"{ae.get('val_mse', float('nan')):.4f} ({ae.get('val_psnr_db', float('nan')):.1f} dB PSNR).",
+        f"Denoiser: preset `ldm-fmnist` (diffusers UNet2DModel). Sampling: DDIM, "
+        f"{rows[0][3]['sampler']['steps']} steps, EMA weights with the final masks.",
+        "",
+        f"`{metric}` is FID in the feature space of sparsediff's own Fashion-MNIST network (shipped in the "
+        "package), computed with torch-fidelity; compare it between these runs, not with Inception FIDs.",
+        "",
+        f"| method | sparsity | {metric} | non-zero params | FLOPs / sample (sparse) | FLOPs / sample (dense) "
+        "| training FLOPs (vs dense) | train time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, sparsity, _run_dir, r in rows:
+        ratio = ""
+        if dense and r.get("flops_train_total") and dense[3].get("flops_train_total"):
+            ratio = f" ({r['flops_train_total'] / dense[3]['flops_train_total']:.2f}x)"
+        lines.append(
+            f"| {method} | {sparsity:.0%} | {r['fid']['value']:.2f} | {r['params_nonzero']:,} / {r['params_total']:,} "
+            f"| {_fmt_flops(r['flops_per_sample_sparse'])} | {_fmt_flops(r['flops_per_sample_dense'])} "
+            f"| {_fmt_flops(r.get('flops_train_total'))}{ratio} | {r.get('train_seconds') or 0:.0f} s |"
+        )
+    lines += ["", "## Samples", ""]
+    grids = out / "grids"
+    grids.mkdir(exist_ok=True)
+    for method, sparsity, run_dir, r in rows:
+        name = f"{run_dir.name}.png"
+        shutil.copyfile(r["grid"], grids / name)
+        lines += [f"**{method} {sparsity:.0%}**", "", f"![{method}](grids/{name})", ""]
+    lines += [
+        "## Reproduce",
+        "",
+        "```bash",
+        "make demo          # or: .venv/bin/sparsediff demo",
+        "```",
+        "",
+        f"Whole demo: {seconds / 60:.1f} minutes on this machine ({torch.get_num_threads()} threads). "
+        "FLOPs count matrix products and convolutions (2 per multiply-accumulate); attention score "
+        "products stay dense; per sample = denoiser steps x per-step FLOPs + the first-stage decoder.",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------- engine-only demo
 
 
 def _teacher_task(seed: int = 0):
@@ -87,5 +204,8 @@ def engine_demo(steps: int = 1500, sparsity: float = 0.9, quiet: bool = False) -
 
 
 def main(args) -> int:
-    engine_demo(steps=args.steps, quiet=args.quiet)
+    if args.engine:
+        engine_demo(steps=args.steps or 1500, quiet=args.quiet)
+    else:
+        run_demo(Path(args.out), steps=args.steps, num_samples=args.num_samples, quiet=args.quiet)
     return 0

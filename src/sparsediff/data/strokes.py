@@ -370,6 +370,8 @@ _COMMON_ARGS = {
     "max_strokes",
     "val_fraction",
     "progress",
+    "raster_size",  # read by the ChiroDiff task (tasks/strokes.py), not by preprocessing
+    "raster_line_width",
 }
 _SOURCE_ARGS = {
     "kanjivg": {"chars", "include_variants", "limit", "path", "samples_per_curve"},
@@ -483,6 +485,8 @@ def build_stroke_dataset(spec: DataSpec, split: str) -> StrokeDataset:
 
     - all: ``representation`` ("velocity" | "absolute"), ``resample`` (0.05), ``scale`` (10),
       ``max_len`` (300), ``max_strokes`` (25), ``val_fraction`` (0.15), ``progress`` (False);
+      ``raster_size`` (32) and ``raster_line_width`` (1.0 pixel) set how the ChiroDiff task rasterises
+      samples and references for FID (they do not change the sequences);
     - kanjivg: ``chars`` (a string or list), ``include_variants``, ``limit``, ``path`` (a folder of
       KanjiVG SVGs; default the installed ``kanjivg`` package), ``samples_per_curve``;
     - quickdraw: ``path`` (a file or folder; else ``data.root``, else ``$SPARSEDIFF_DATA/quickdraw``),

@@ -10,7 +10,15 @@ its own name (``fid_sparsediff_<kind>``, see :mod:`sparsediff.metrics.fid`).
 Recreate the shipped weights with::
 
     python -m sparsediff.metrics.features fmnist            # Fashion-MNIST, a few minutes on 2 CPU cores
-    python -m sparsediff.metrics.features strokes --data rasters.npz
+    python -m sparsediff.metrics.features strokes --kanjivg  # KanjiVG rasters, a few minutes on 2 CPU cores
+    python -m sparsediff.metrics.features strokes --data rasters.npz  # your own rasters and labels
+
+The stroke network is trained on a proxy task, since KanjiVG has one drawing per character: classify a
+rasterised character by its **stroke count** (1, 2, ..., 19, 20 or more: 20 classes), over seeded
+augmented copies (small rotation, anisotropic scale and shear, line width, margin) of every character;
+accuracy is measured on characters held out as a whole (see :func:`make_stroke_feature_data`). To count
+strokes the features must see the structure of a character: how many separate lines, where they cross
+and end, which is what distinguishes a good sample from a smudge.
 
 Each weights file ``features-<kind>.safetensors`` comes with ``features-<kind>.json``: kind, input size,
 feature dimension, test accuracy, the command that made it, torch version and the file's SHA-256.
@@ -50,7 +58,7 @@ def train_command(kind: str) -> str:
     """The shell command that (re)creates the shipped weights of ``kind``."""
     _check_kind(kind)
     if kind == "strokes":
-        return "python -m sparsediff.metrics.features strokes --data RASTERS.npz"
+        return "python -m sparsediff.metrics.features strokes --kanjivg"
     return f"python -m sparsediff.metrics.features {kind}"
 
 
@@ -147,28 +155,117 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Stroke data: KanjiVG rasters labelled by stroke count
+# ----------------------------------------------------------------------------------------------------
+
+STROKE_CLASSES = 20  # stroke-count classes: 1, 2, ..., 19 strokes, and 20 or more
+# How pen drawings are rasterised for the stroke network (32 px, white on black). The ChiroDiff task
+# rasterises samples and references with these defaults, so that FID reads images like its training ones.
+STROKE_LINE_WIDTH = 1.0  # pixels at 32 px
+STROKE_PADDING = 0.08  # margin on each side, as a fraction of the size
+
+
+def stroke_count_class(num_strokes: int) -> int:
+    """Class of a drawing with ``num_strokes`` strokes: ``min(num_strokes, 20) - 1``."""
+    if num_strokes < 1:
+        raise DataError(f"a drawing needs at least one stroke, got {num_strokes}")
+    return min(int(num_strokes), STROKE_CLASSES) - 1
+
+
+def make_stroke_feature_data(
+    copies: int = 6,
+    seed: int = 0,
+    size: int = INPUT_SIZE,
+    path: str | Path | None = None,
+    limit: int | None = None,
+    rotation: float = 6.0,
+    scale: tuple[float, float] = (0.9, 1.1),
+    shear: float = 0.1,
+    line_width: tuple[float, float] = (0.75, 1.5),
+    padding: tuple[float, float] = (0.04, 0.12),
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stroke network's training data: ``(images, labels, groups)`` from KanjiVG.
+
+    Every character (base files of the installed ``kanjivg`` package, or the folder ``path``) gives
+    ``copies`` rasters: the first as the ChiroDiff task draws them (``STROKE_LINE_WIDTH``,
+    ``STROKE_PADDING``), the others with seeded random augmentations: rotation in +-``rotation`` degrees,
+    x and y scales in ``scale``, shear in +-``shear`` (about the centre), a line width in ``line_width``
+    pixels and a margin in ``padding``. Labels are :func:`stroke_count_class` of the character's stroke
+    count (each ``<path>`` subpath is a stroke, as in the diffusion data); ``groups`` is the character's
+    index, so that :func:`train_feature_net` holds out whole characters.
+
+    Returns uint8 images (N, size, size), int64 labels (N,) and int64 groups (N,), N = copies x characters.
+    """
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from ..data.kanjivg import load_kanjivg
+    from ..data.raster import rasterize
+
+    if copies < 1:
+        raise ConfigError(f"copies must be >= 1, got {copies}")
+    items, report = load_kanjivg(path=path, limit=limit, progress=progress)
+    if not items:
+        raise DataError(f"no KanjiVG characters to make stroke data from ({report})")
+    rng = np.random.default_rng(seed)
+    images = np.zeros((len(items) * copies, size, size), dtype=np.uint8)
+    labels = np.zeros(len(items) * copies, dtype=np.int64)
+    groups = np.repeat(np.arange(len(items), dtype=np.int64), copies)
+    k = 0
+    for _, strokes in tqdm(items, desc="rasterising KanjiVG", disable=not progress):
+        label = stroke_count_class(len(strokes))
+        pts = np.concatenate(strokes)
+        centre = (pts.min(0) + pts.max(0)) / 2  # (2,)
+        for c in range(copies):
+            if c == 0:
+                drawn, width, pad = strokes, STROKE_LINE_WIDTH, STROKE_PADDING
+            else:
+                th = np.deg2rad(rng.uniform(-rotation, rotation))
+                sx, sy = rng.uniform(scale[0], scale[1], size=2)
+                sh = rng.uniform(-shear, shear)
+                rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+                m = rot @ np.array([[1.0, sh], [0.0, 1.0]]) @ np.diag([sx, sy])  # (2, 2)
+                drawn = [(s - centre) @ m.T + centre for s in strokes]
+                width, pad = rng.uniform(*line_width), rng.uniform(*padding)
+            images[k] = rasterize(drawn, size=size, line_width=width, padding=pad)
+            labels[k] = label
+            k += 1
+    return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(groups)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
 
 
 def _load_dataset(
-    kind: str, dataset: tuple[torch.Tensor, torch.Tensor] | None, holdout: float, seed: int
+    kind: str, dataset: tuple[torch.Tensor, ...] | None, holdout: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(train images, train labels, test images, test labels), images uint8 (N, H, W)."""
+    """(train images, train labels, test images, test labels), images uint8 (N, H, W).
+
+    ``dataset`` is ``(images, labels)`` or ``(images, labels, groups)``; with groups (integers (N,), e.g.
+    the source drawing of augmented copies) whole groups are held out, so no copy of a test drawing is
+    trained on.
+    """
     if dataset is None:
         if kind != "fmnist":
             raise DataError(
                 f"train_feature_net({kind!r}) needs its data: pass dataset=(uint8 images (N, 32, 32), "
-                f"int labels (N,)), or on the command line `{train_command(kind)}` with an .npz file holding "
-                "arrays `images` and `labels`"
+                "int labels (N,)) (make_stroke_feature_data() makes them from KanjiVG), or run "
+                f"`{train_command(kind)}` (or `--data DATA.npz` with arrays `images` and `labels`)"
             )
         from ..data.fashion_mnist import load_fashion_mnist
 
         x_tr, y_tr = load_fashion_mnist("train")
         x_te, y_te = load_fashion_mnist("test")
         return x_tr, y_tr, x_te, y_te
-    images, labels = dataset
-    images, labels = torch.as_tensor(images), torch.as_tensor(labels)
+    if len(dataset) not in (2, 3):
+        raise DataError(
+            f"dataset must be (images, labels) or (images, labels, groups), got {len(dataset)} items"
+        )
+    images, labels = torch.as_tensor(dataset[0]), torch.as_tensor(dataset[1])
+    groups = torch.as_tensor(dataset[2]) if len(dataset) == 3 else None
     if images.dtype != torch.uint8 or images.dim() != 3:
         raise DataError(f"dataset images must be uint8 (N, H, W), got {images.dtype} {tuple(images.shape)}")
     if labels.dim() != 1 or len(labels) != len(images) or labels.is_floating_point():
@@ -181,9 +278,20 @@ def _load_dataset(
     if int(labels.min()) < 0:
         raise DataError("dataset labels must be >= 0")
     # A seeded random hold-out split: the user's data has no official test split.
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    n_test = max(1, int(round(holdout * len(images))))
-    te, tr = perm[:n_test], perm[n_test:]
+    gen = torch.Generator().manual_seed(seed)
+    if groups is not None:
+        if groups.shape != labels.shape or groups.is_floating_point():
+            raise DataError(
+                f"dataset groups must be integers (N,) with N = {len(images)}, got {tuple(groups.shape)}"
+            )
+        ids = torch.unique(groups)
+        held = ids[torch.randperm(len(ids), generator=gen)[: max(1, int(round(holdout * len(ids))))]]
+        is_test = torch.isin(groups, held)
+        te, tr = torch.nonzero(is_test).flatten(), torch.nonzero(~is_test).flatten()
+    else:
+        perm = torch.randperm(len(images), generator=gen)
+        n_test = max(1, int(round(holdout * len(images))))
+        te, tr = perm[:n_test], perm[n_test:]
     if len(tr) == 0:
         raise DataError(f"dataset of {len(images)} images is too small to hold out a test split")
     return images[tr], labels[tr], images[te], labels[te]
@@ -217,10 +325,12 @@ def train_feature_net(
     epochs: int = 3,
     seed: int = 0,
     progress: bool = True,
-    dataset: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dataset: tuple[torch.Tensor, ...] | None = None,
     batch_size: int = 256,
     lr: float = 3e-3,
     holdout: float = 0.1,
+    data_option: str | None = None,
+    extra_meta: dict | None = None,
 ) -> dict:
     """Train a :class:`FeatureNet` classifier and save it as ``features-<kind>.safetensors`` + ``.json``.
 
@@ -234,10 +344,14 @@ def train_feature_net(
         seed: seeds initialisation, shuffling and the hold-out split; same seed, same weights.
         progress: show a progress bar per epoch.
         dataset: ``(images, labels)``: uint8 (N, H, W) images (32x32 rasters for strokes) and integer
-            class labels (N,). Required for kinds other than ``"fmnist"``.
+            class labels (N,), optionally with ``groups`` (N,) as a third item: then whole groups are
+            held out (augmented copies of one drawing). Required for kinds other than ``"fmnist"``.
         batch_size: training batch size.
         lr: peak learning rate of the one-cycle schedule.
-        holdout: fraction of ``dataset`` held out to measure accuracy.
+        holdout: fraction of ``dataset`` (of its groups, when given) held out to measure accuracy.
+        data_option: how the command line recorded in the JSON names the data (default ``--data ...``);
+            e.g. ``--kanjivg`` when :func:`make_stroke_feature_data` made it.
+        extra_meta: more entries for the JSON metadata (e.g. how the data was made).
 
     Returns:
         The metadata written to the JSON file, plus ``path`` and ``json_path``.
@@ -290,7 +404,9 @@ def train_feature_net(
     out.chmod(0o644)  # safetensors writes 0600; a shipped asset must be readable by everyone
     # The command line that reproduces this file: only the options that differ from the defaults.
     command = f"python -m sparsediff.metrics.features {kind}"
-    if dataset is not None:
+    if data_option is not None:
+        command += f" {data_option}"
+    elif dataset is not None:
         command += " --data DATA.npz" if kind != "strokes" else " --data RASTERS.npz"
     if out.resolve() != asset_path(kind).resolve():
         command += f" --out {out}"
@@ -314,7 +430,9 @@ def train_feature_net(
         "test_accuracy": round(acc, 4),
         "train_samples": len(x_tr),
         "test_samples": len(x_te),
-        "test_split": "official test split" if dataset is None else f"seeded {holdout:.0%} hold-out",
+        "test_split": "official test split"
+        if dataset is None
+        else f"seeded {holdout:.0%} hold-out" + (" of whole groups" if len(dataset) == 3 else ""),
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
@@ -325,6 +443,7 @@ def train_feature_net(
         "torch_version": torch.__version__,
         "sparsediff_version": __version__,
         "sha256": sha256_file(out),
+        **(extra_meta or {}),
     }
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(meta, indent=2) + "\n")
@@ -342,6 +461,8 @@ def _weights_file(kind: str, path: str | Path | None) -> tuple[Path, str]:
     shipped = path is None
     path = asset_path(kind) if shipped else Path(path)
     how = f"create it with `{train_command(kind)}" + ("`" if shipped else f" --out {path}`")
+    if kind == "strokes":
+        how += " (or `python -m sparsediff.metrics.features strokes --data RASTERS.npz` for your own rasters)"
     if not path.is_file():
         raise DataError(f"feature network weights for {kind!r} not found at {path}; {how}")
     return path, how
@@ -405,8 +526,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("kind", choices=KINDS)
     p.add_argument(
-        "--data", help="an .npz with uint8 `images` (N, 32, 32) and int `labels` (N,); needed for strokes"
+        "--data",
+        help="an .npz with uint8 `images` (N, 32, 32), int `labels` (N,) and optionally int `groups` (N,) "
+        "(held out whole); for strokes, or use --kanjivg",
     )
+    p.add_argument(
+        "--kanjivg",
+        action="store_true",
+        help="strokes: make the data from the installed KanjiVG (stroke-count classes, augmented copies)",
+    )
+    p.add_argument("--copies", type=int, default=6, help="--kanjivg: rasters per character (default 6)")
     p.add_argument("--out", help="weights file to write (default: the package's shipped asset)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -415,13 +544,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     dataset = None
+    data_option, extra_meta = None, None
     try:
-        if a.data:
+        if a.kanjivg:
+            if a.kind != "strokes" or a.data:
+                raise ConfigError("--kanjivg makes the data of the strokes network; it goes without --data")
+            t0 = time.perf_counter()
+            dataset = make_stroke_feature_data(copies=a.copies, seed=a.seed, progress=not a.quiet)
+            data_option = "--kanjivg" + (f" --copies {a.copies}" if a.copies != 6 else "")
+            extra_meta = {
+                "data": "KanjiVG (installed package, base files), rasterised at 32 px",
+                "task": f"stroke count of the character: {STROKE_CLASSES} classes (1 .. {STROKE_CLASSES - 1}, "
+                f"{STROKE_CLASSES} or more)",
+                "copies_per_character": a.copies,
+                "characters": int(dataset[2].max()) + 1,
+                "data_seconds": round(time.perf_counter() - t0, 1),
+            }
+        elif a.data:
             import numpy as np
 
             try:
                 with np.load(a.data, allow_pickle=False) as z:
                     dataset = (torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]))
+                    if "groups" in z.files:
+                        dataset += (torch.from_numpy(z["groups"]),)
             except (OSError, KeyError, ValueError) as e:
                 raise DataError(f"cannot read `images` and `labels` from {a.data}: {e}") from None
         meta = train_feature_net(
@@ -433,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
             dataset=dataset,
             batch_size=a.batch_size,
             lr=a.lr,
+            data_option=data_option,
+            extra_meta=extra_meta,
         )
     except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)

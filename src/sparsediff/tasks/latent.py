@@ -162,8 +162,9 @@ class LatentDiffusionTask(Task):
     # ------------------------------------------------------------------ training
 
     def loss(self, model, batch, generator, teacher=None, distill_weight=0.0):
-        return epsilon_loss(model, batch["x0"], self.schedule, generator, teacher=teacher,
-                            distill_weight=distill_weight)
+        return epsilon_loss(
+            model, batch["x0"], self.schedule, generator, teacher=teacher, distill_weight=distill_weight
+        )
 
     # ------------------------------------------------------------------ sampling
 
