@@ -1,8 +1,9 @@
 """``sparsediff demo``: the main job on bundled data, end to end, in about a quarter of an hour on 2 cores.
 
 Fashion-MNIST latent diffusion: train (or reuse) the first stage, train a dense and a RigL 50 %
-denoiser from the same seed, sample and evaluate both, and write ``runs/demo/report.md`` with the table
-(FID in the shipped feature space, non-zero parameters, FLOPs, training time) and sample grids.
+denoiser from the same seed, sample and evaluate both; then the same for ChiroDiff on KanjiVG strokes;
+write ``runs/demo/report.md`` with a table per model family (FID in the shipped feature spaces, non-zero
+parameters, FLOPs, training time) and sample grids.
 Finished steps are reused: running it again only redoes what is missing.
 
 ``--engine`` runs the engine-only demo instead: a small network trained dense and 90 %-sparse with RigL
@@ -23,6 +24,7 @@ from torch import nn
 from .sparse import count_flops, sparsify
 
 DEMO_DIR = Path("runs/demo")
+METHODS = (("dense", 0.0), ("rigl", 0.5))
 
 
 # ---------------------------------------------------------------------------- the main demo
@@ -34,27 +36,60 @@ def _fmt_flops(x: float | None) -> str:
     return "-" if x is None else format_flops(x)
 
 
+def _train_and_evaluate(
+    preset: str, overrides: dict[str, Any], run_dir: Path, num_samples: int, quiet: bool, say
+) -> dict[str, Any]:
+    """Train one demo run (reused when finished, resumed when interrupted), then evaluate it."""
+    from .config import load_config
+    from .evaluate import evaluate_run
+    from .train import train
+
+    done = run_dir / "summary.json"
+    if done.exists() and json.loads(done.read_text()).get("finished"):
+        say(f"[demo]     reusing the finished run {run_dir}")
+    else:
+        say(f"[demo]     training -> {run_dir}")
+        train(load_config(preset, overrides), run_dir, resume=(run_dir / "config.yaml").exists(), quiet=quiet)
+    say(f"[demo]     evaluating {run_dir} on {num_samples} samples")
+    return evaluate_run(run_dir, num_samples=num_samples, quiet=quiet)
+
+
+def _run_name(method: str, sparsity: float) -> str:
+    return method if method == "dense" else f"{method}-{round(sparsity * 100)}"
+
+
 def run_demo(
     out: Path = DEMO_DIR,
     steps: int | None = None,
     num_samples: int = 500,
     quiet: bool = False,
-    methods: tuple[tuple[str, float], ...] = (("dense", 0.0), ("rigl", 0.5)),
+    methods: tuple[tuple[str, float], ...] = METHODS,
+    strokes: bool = True,
+    stroke_steps: int | None = None,
+    stroke_samples: int = 256,
 ) -> Path:
+    """The whole demo into ``out``; returns the path of ``report.md``.
+
+    Section 1, latent diffusion on Fashion-MNIST (preset ``ldm-fmnist``): first stage, then ``methods``
+    for ``steps`` denoiser steps each. Section 2 (``strokes``), ChiroDiff on KanjiVG (preset
+    ``chirodiff-kanjivg-cpu``): the same methods for ``stroke_steps`` steps each.
+    """
     from .config import load_config
-    from .evaluate import evaluate_run
-    from .train import train
     from .train_autoencoder import train_autoencoder
 
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if quiet else print
-    say(f"[demo] 1/4 first stage (autoencoder) -> {out / 'autoencoder'}")
+    n_parts = 1 + len(methods) * (2 if strokes else 1)
+    part = 1
+    say(f"[demo] {part}/{n_parts} first stage (autoencoder) -> {out / 'autoencoder'}")
     base_overrides: dict[str, Any] = {"data": {"train_size": 20000}}
-    cfg = load_config("ldm-fmnist", base_overrides)
-    ae = train_autoencoder(cfg, out / "autoencoder", quiet=quiet)
+    ae = train_autoencoder(load_config("ldm-fmnist", base_overrides), out / "autoencoder", quiet=quiet)
+    sections = []
     rows = []
-    for i, (method, sparsity) in enumerate(methods):
+    for method, sparsity in methods:
+        part += 1
+        say(f"[demo] {part}/{n_parts} latent diffusion, {method} (sparsity {sparsity:g})")
         overrides = {
             **base_overrides,
             "first_stage": {"path": str(out / "autoencoder")},
@@ -62,36 +97,40 @@ def run_demo(
         }
         if steps:
             overrides["train"] = {"max_steps": steps}
-        run_cfg = load_config("ldm-fmnist", overrides)
-        run_dir = out / (method if method == "dense" else f"{method}-{int(sparsity * 100)}")
-        done = run_dir / "summary.json"
-        if done.exists() and json.loads(done.read_text()).get("finished"):
-            say(f"[demo] {i + 2}/4 reusing the finished run {run_dir}")
-        else:
-            say(f"[demo] {i + 2}/4 training {method} (sparsity {sparsity:g}) -> {run_dir}")
-            train(run_cfg, run_dir, resume=(run_dir / "config.yaml").exists(), quiet=quiet)
-        say(f"[demo]     evaluating {run_dir} on {num_samples} samples")
-        result = evaluate_run(run_dir, num_samples=num_samples, quiet=quiet)
-        rows.append((method, sparsity, run_dir, result))
-    report = write_report(out, rows, ae, time.perf_counter() - t_start)
-    say(f"[demo] 4/4 report written to {report.resolve()}")
+        run_dir = out / _run_name(method, sparsity)
+        rows.append(
+            (
+                method,
+                sparsity,
+                run_dir,
+                _train_and_evaluate("ldm-fmnist", overrides, run_dir, num_samples, quiet, say),
+            )
+        )
+    sections.append(("ldm", rows))
+    if strokes:
+        rows = []
+        for method, sparsity in methods:
+            part += 1
+            say(f"[demo] {part}/{n_parts} ChiroDiff on KanjiVG, {method} (sparsity {sparsity:g})")
+            overrides = {"sparse": {"method": method, "sparsity": sparsity}}
+            if stroke_steps:
+                overrides["train"] = {"max_steps": stroke_steps}
+            run_dir = out / "kanjivg" / _run_name(method, sparsity)
+            result = _train_and_evaluate(
+                "chirodiff-kanjivg-cpu", overrides, run_dir, stroke_samples, quiet, say
+            )
+            rows.append((method, sparsity, run_dir, result))
+        sections.append(("chirodiff", rows))
+    report = write_report(out, sections, ae, time.perf_counter() - t_start)
+    say(
+        f"[demo] done in {(time.perf_counter() - t_start) / 60:.1f} min: report written to {report.resolve()}"
+    )
     return report
 
 
-def write_report(out: Path, rows: list, ae: dict[str, Any], seconds: float) -> Path:
+def _table(rows: list, metric: str) -> list[str]:
     dense = next((r for r in rows if r[0] == "dense"), None)
-    metric = rows[0][3]["fid"]["metric"]
     lines = [
-        "# sparsediff demo: latent diffusion on Fashion-MNIST, dense vs RigL",
-        "",
-        f"First stage: KL autoencoder, latents {tuple(ae.get('latent_shape', []))}, held-out reconstruction MSE "
-        f"{ae.get('val_mse', float('nan')):.4f} ({ae.get('val_psnr_db', float('nan')):.1f} dB PSNR).",
-        f"Denoiser: preset `ldm-fmnist` (diffusers UNet2DModel). Sampling: DDIM, "
-        f"{rows[0][3]['sampler']['steps']} steps, EMA weights with the final masks.",
-        "",
-        f"`{metric}` is FID in the feature space of sparsediff's own Fashion-MNIST network (shipped in the "
-        "package), computed with torch-fidelity; compare it between these runs, not with Inception FIDs.",
-        "",
         f"| method | sparsity | {metric} | non-zero params | FLOPs / sample (sparse) | FLOPs / sample (dense) "
         "| training FLOPs (vs dense) | train time |",
         "|---|---|---|---|---|---|---|---|",
@@ -105,13 +144,60 @@ def write_report(out: Path, rows: list, ae: dict[str, Any], seconds: float) -> P
             f"| {_fmt_flops(r['flops_per_sample_sparse'])} | {_fmt_flops(r['flops_per_sample_dense'])} "
             f"| {_fmt_flops(r.get('flops_train_total'))}{ratio} | {r.get('train_seconds') or 0:.0f} s |"
         )
-    lines += ["", "## Samples", ""]
+    return lines
+
+
+def _grids(out: Path, rows: list, prefix: str) -> list[str]:
     grids = out / "grids"
     grids.mkdir(exist_ok=True)
+    lines = []
     for method, sparsity, run_dir, r in rows:
-        name = f"{run_dir.name}.png"
+        name = f"{prefix}{run_dir.name}.png"
         shutil.copyfile(r["grid"], grids / name)
         lines += [f"**{method} {sparsity:.0%}**", "", f"![{method}](grids/{name})", ""]
+    return lines
+
+
+def write_report(out: Path, sections: list, ae: dict[str, Any], seconds: float) -> Path:
+    """``out/report.md`` from ``sections``: a list of ``(family, rows)``, rows ``(method, sparsity, dir, eval)``."""
+    lines = ["# sparsediff demo: sparse-to-sparse training, dense vs RigL", ""]
+    for family, rows in sections:
+        r0 = rows[0][3]
+        metric = r0["fid"]["metric"]
+        sampler = r0["sampler"]
+        if family == "ldm":
+            lines += [
+                "## Latent diffusion on Fashion-MNIST",
+                "",
+                f"First stage: KL autoencoder, latents {tuple(ae.get('latent_shape', []))}, held-out "
+                f"reconstruction MSE {ae.get('val_mse', float('nan')):.4f} "
+                f"({ae.get('val_psnr_db', float('nan')):.1f} dB PSNR). Denoiser: preset `ldm-fmnist` (diffusers "
+                f"UNet2DModel). Sampling: {sampler.get('sampler', 'ddim').upper()}, {sampler['steps']} steps, EMA "
+                "weights with the final masks.",
+                "",
+                f"`{metric}` is FID in the feature space of sparsediff's own Fashion-MNIST network (shipped in "
+                "the package), computed with torch-fidelity against the held-out test split; compare it "
+                "between these runs, not with Inception FIDs.",
+                "",
+            ]
+            prefix = ""
+        else:
+            lines += [
+                "## ChiroDiff on KanjiVG",
+                "",
+                "Denoiser: preset `chirodiff-kanjivg-cpu` (bidirectional GRU over pen-point sequences; the "
+                f"engine sparsifies the GRU matrices). Sampling: {sampler.get('sampler', 'ddpm').upper()}, "
+                f"{sampler['steps']} steps, sequence lengths drawn from the training split.",
+                "",
+                f"`{metric}` is FID of rasterised samples against the rasterised held-out characters, in "
+                "the feature space of sparsediff's own stroke network (shipped in the package); not an "
+                "Inception FID.",
+                "",
+            ]
+            prefix = "kanjivg-"
+        lines += _table(rows, metric)
+        lines += ["", "### Samples", ""]
+        lines += _grids(out, rows, prefix)
     lines += [
         "## Reproduce",
         "",
@@ -121,7 +207,8 @@ def write_report(out: Path, rows: list, ae: dict[str, Any], seconds: float) -> P
         "",
         f"Whole demo: {seconds / 60:.1f} minutes on this machine ({torch.get_num_threads()} threads). "
         "FLOPs count matrix products and convolutions (2 per multiply-accumulate); attention score "
-        "products stay dense; per sample = denoiser steps x per-step FLOPs + the first-stage decoder.",
+        "products stay dense; per sample = denoiser steps x per-step FLOPs (+ the first-stage decoder for "
+        "latent diffusion).",
     ]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
@@ -207,5 +294,13 @@ def main(args) -> int:
     if args.engine:
         engine_demo(steps=args.steps or 1500, quiet=args.quiet)
     else:
-        run_demo(Path(args.out), steps=args.steps, num_samples=args.num_samples, quiet=args.quiet)
+        run_demo(
+            Path(args.out),
+            steps=args.steps,
+            num_samples=args.num_samples,
+            quiet=args.quiet,
+            strokes=not args.no_strokes,
+            stroke_steps=args.stroke_steps,
+            stroke_samples=args.stroke_samples,
+        )
     return 0

@@ -1,0 +1,66 @@
+"""The demo's report writer and the engine-only demo (the full demo is `make demo`, not a unit test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from sparsediff.demo import engine_demo, write_report
+
+
+def _eval(tmp_path: Path, name: str, fid: float, nonzero: int, metric: str, sampler: str) -> dict:
+    grid = tmp_path / f"{name}-grid.png"
+    Image.new("L", (8, 8)).save(grid)
+    return {
+        "fid": {"metric": metric, "value": fid},
+        "params_nonzero": nonzero,
+        "params_total": 1000,
+        "flops_per_sample_sparse": 5e8 if nonzero < 1000 else 1e9,
+        "flops_per_sample_dense": 1e9,
+        "flops_train_total": 2e12 if nonzero < 1000 else 4e12,
+        "train_seconds": 61.0,
+        "sampler": {"sampler": sampler, "steps": 50, "eta": 0.0, "seed": 0},
+        "grid": str(grid),
+    }
+
+
+def test_report_has_a_table_and_grids_per_family(tmp_path):
+    out = tmp_path / "demo"
+    out.mkdir()
+    ldm = [
+        ("dense", 0.0, out / "dense", _eval(tmp_path, "a", 21.5, 1000, "fid_sparsediff_fmnist", "ddim")),
+        ("rigl", 0.5, out / "rigl-50", _eval(tmp_path, "b", 23.25, 510, "fid_sparsediff_fmnist", "ddim")),
+    ]
+    chiro = [
+        (
+            "dense",
+            0.0,
+            out / "kanjivg" / "dense",
+            _eval(tmp_path, "c", 3.0, 1000, "fid_sparsediff_strokes", "ddpm"),
+        ),
+        (
+            "rigl",
+            0.5,
+            out / "kanjivg" / "rigl-50",
+            _eval(tmp_path, "d", 4.0, 500, "fid_sparsediff_strokes", "ddpm"),
+        ),
+    ]
+    ae = {"latent_shape": [4, 8, 8], "val_mse": 0.0163, "val_psnr_db": 23.9}
+    path = write_report(out, [("ldm", ldm), ("chirodiff", chiro)], ae, seconds=600.0)
+    text = path.read_text()
+    assert "## Latent diffusion on Fashion-MNIST" in text and "## ChiroDiff on KanjiVG" in text
+    assert "| rigl | 50% | 23.25 | 510 / 1,000 |" in text and "(0.50x)" in text
+    assert "| dense | 0% | 3.00 | 1,000 / 1,000 |" in text
+    assert "fid_sparsediff_strokes" in text and "DDPM" in text and "10.0 minutes" in text
+    for name in ("dense.png", "rigl-50.png", "kanjivg-dense.png", "kanjivg-rigl-50.png"):
+        assert (out / "grids" / name).is_file() and f"grids/{name}" in text
+
+
+def test_engine_demo_trains_dense_and_rigl():
+    results = engine_demo(steps=200, sparsity=0.9, quiet=True)
+    assert set(results) == {"dense", "rigl"}
+    rigl = results["rigl"]
+    assert abs(rigl["report"].density - 0.1) < 0.01 and rigl["updates"] >= 1
+    assert rigl["flops_sparse"] < 0.2 * results["dense"]["flops_sparse"]
+    assert all(r["test_mse"] < 1.0 for r in results.values())
