@@ -413,3 +413,22 @@ def test_report_errors(tmp_path, capsys):
     assert "no run directories" in capsys.readouterr().err
     assert cli(["report", str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_report_separates_oneshot_from_srste_finetuning(tmp_path):
+    """`finetune --method oneshot` writes sparse.method srste in its config; summary.json says oneshot."""
+    root = tmp_path / "nm"
+    common = dict(params_nonzero=500, flops_forward_sparse=200, flops_train_total=3000)
+    _hand_run(root, "dense", "dense", 0.0, 0, 20.0, params_nonzero=1000, flops_forward_sparse=400)
+    for name, method, fid in (("one", "oneshot", 90.0), ("ft", "srste", 30.0)):
+        run = _hand_run(root, name, "srste", 0.5, 0, fid, **common)
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "method": method}))
+        cfg = (run / "config.yaml").read_text().replace("method: srste", "method: srste\n  nm: '2:4'", 1)
+        (run / "config.yaml").write_text(cfg)
+        rec = load_run(run)
+        assert rec.method == method and rec.sparsity == 0.5 and rec.series == f"{method} 2:4"
+    text = Path(report([root], tmp_path / "out")["report"]).read_text()
+    rows = [x for x in text.splitlines() if x.startswith("| oneshot") or x.startswith("| srste")]
+    assert len(rows) == 2 and "90.00" in rows[0] and "30.00" in rows[1]
+    assert "seed 0 twice" not in text

@@ -25,7 +25,7 @@ from typing import Any
 from .errors import ConfigError
 
 DYNAMIC_METHODS = ("rigl", "magran")
-METHOD_ORDER = {"dense": 0, "static": 1, "rigl": 2, "magran": 3, "srste": 4}
+METHOD_ORDER = {"dense": 0, "static": 1, "rigl": 2, "magran": 3, "oneshot": 4, "srste": 5}
 # Keys a sweep sets on every run (the grid); --set may not change them.
 GRID_KEYS = ("sparse.method", "sparse.sparsity", "sparse.prune_ratio", "sparse.seed", "train.seed")
 
@@ -96,9 +96,9 @@ class RunRecord:
     @property
     def series(self) -> str:
         """Label of the method (and prune ratio) this run belongs to: ``rigl p=0.05``."""
-        if self.method == "srste":
+        if self.method in ("srste", "oneshot"):
             nm = self.config.get("sparse", {}).get("nm", "")
-            return f"srste {nm}".strip()
+            return f"{self.method} {nm}".strip()
         return self.method if self.prune_ratio is None else f"{self.method} p={self.prune_ratio:g}"
 
     def get(self, key: str) -> Any:
@@ -167,9 +167,11 @@ def load_run(path: str | Path) -> RunRecord:
     metrics, bad = read_metrics(path / "metrics.jsonl")
     sparse = config.get("sparse") or {}
     method = str(sparse.get("method") or (summary or {}).get("method") or "dense")
+    if (summary or {}).get("method") == "oneshot":  # `finetune --method oneshot`: N:M pruning, no training
+        method = "oneshot"
     if method == "dense":
         sparsity, prune = 0.0, None
-    elif method == "srste":
+    elif method in ("srste", "oneshot"):
         nm = str(
             sparse.get("progressive", [""])[-1].split("@")[0]
             if sparse.get("progressive")
