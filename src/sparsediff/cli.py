@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", action="store_true", help="engine-only demo on synthetic data")
     p.add_argument("--steps", type=int, default=1500, help="denoiser training steps")
     p.add_argument("--num-samples", type=int, default=500, help="samples per model for FID")
-    p.add_argument("--stroke-steps", type=int, default=1000, help="ChiroDiff training steps")
+    p.add_argument("--stroke-steps", type=int, default=800, help="ChiroDiff training steps")
     p.add_argument("--stroke-samples", type=int, default=256, help="ChiroDiff samples per model for FID")
     p.add_argument("--no-strokes", action="store_true", help="skip the ChiroDiff KanjiVG section")
     p.add_argument("--out", default="runs/demo", help="demo directory")
