@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, StateError
+from .sample import final_nm_pattern, load_masked_model
 
 if TYPE_CHECKING:
     import torch
@@ -61,40 +62,7 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, DTYPES[name])
 
 
-# ---------------------------------------------------------------------------- the model a run samples with
-
-
-def load_masked_model(
-    run_dir: str | Path, use_ema: bool = True
-) -> tuple[RunConfig, nn.Module, dict[str, Any]]:
-    """``(cfg, model, info)``: the run's denoiser on the CPU with its (EMA) weights and final masks.
-
-    Like :func:`sparsediff.sample.load_for_inference`, without building the task (no first stage or data
-    needed to export a model).
-    """
-    from .checkpoint import CheckpointDir
-    from .models import build_model
-    from .sample import apply_final_masks
-    from .train import load_model_weights, load_run_config
-
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    ckpt = CheckpointDir(run_dir / "checkpoints").latest()
-    if ckpt is None:
-        raise StateError(f"{run_dir} has no checkpoint yet; train it first")
-    model = build_model(cfg.model)
-    weights = "ema" if use_ema else "model"
-    load_model_weights(model, ckpt / f"{weights}.safetensors")
-    info: dict[str, Any] = {"run": str(run_dir), "checkpoint": str(ckpt), "weights": weights}
-    info.update(apply_final_masks(model, cfg, ckpt))
-    return cfg, model.eval(), info
-
-
-def _final_pattern(cfg: RunConfig) -> str | None:
-    s = cfg.sparse
-    if s.method != "srste":
-        return None
-    return s.progressive[-1].split("@")[0] if s.progressive else s.nm
+# ---------------------------------------------------------------------------- counts
 
 
 def _counts(cfg: RunConfig, model: nn.Module) -> dict[str, Any]:
@@ -106,7 +74,7 @@ def _counts(cfg: RunConfig, model: nn.Module) -> dict[str, Any]:
     total = sum(p.numel() for p in model.parameters())
     zeros = sum(int((p == 0).sum()) for p in targets.values())
     out: dict[str, Any] = {"params_total": total, "params_nonzero": total - zeros}
-    pattern = _final_pattern(cfg)
+    pattern = final_nm_pattern(cfg)
     if pattern is not None:
         nm = parse_nm(pattern)
         bad = nm_violations(model, nm.n, nm.m, s.include or None, s.exclude or None)
@@ -210,7 +178,7 @@ def export_semi_structured(
     if dtype not in DEFAULT_TOLERANCE:
         raise ConfigError(f"semi-structured export needs --dtype fp16 or bf16, got {dtype!r}")
     cfg, model, info = load_masked_model(run_dir, use_ema)
-    pattern = _final_pattern(cfg)
+    pattern = final_nm_pattern(cfg)
     if pattern is None:
         raise ConfigError(
             f"{run_dir} is not N:M-sparse (sparse.method={cfg.sparse.method}); semi-structured export needs "

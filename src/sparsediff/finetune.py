@@ -112,10 +112,9 @@ def load_source(source: str | Path, preset: str | None = None, use_ema: bool = T
             class, or ``preset`` is missing / superfluous.
         StateError: the run has no checkpoint, or its files do not fit its model.
     """
-    from .checkpoint import CheckpointDir, read_trainer_state
-    from .models import build_model
-    from .sample import apply_final_masks
-    from .train import load_model_weights, load_run_config, model_tensors
+    from .checkpoint import read_trainer_state
+    from .sample import load_masked_model
+    from .train import model_tensors
 
     path = Path(source)
     if not path.exists():
@@ -131,24 +130,16 @@ def load_source(source: str | Path, preset: str | None = None, use_ema: bool = T
                 f"--preset is only for a diffusers source; {source} is a sparsediff run whose config.yaml "
                 "gives every setting (change single fields with --set)"
             )
-        cfg = load_run_config(path)
-        ckpt = CheckpointDir(path / "checkpoints").latest()
-        if ckpt is None:
-            from .errors import StateError
-
-            raise StateError(f"--from {source}: the run has no checkpoint yet; train it first")
-        model = build_model(cfg.model)
-        weights = "ema" if use_ema else "model"
-        load_model_weights(model, ckpt / f"{weights}.safetensors")
-        masked = apply_final_masks(model, cfg, ckpt)  # a sparse source is the model it samples with
+        cfg, model, loaded = load_masked_model(path, use_ema)  # a sparse source is the model it samples with
+        ckpt = Path(loaded["checkpoint"])
         info = {
             "kind": "run",
             "source": str(path.resolve()),
             "checkpoint": str(ckpt.resolve()),
             "step": int(read_trainer_state(ckpt).get("step", 0)),
-            "weights": weights,
+            "weights": loaded["weights"],
             "source_method": cfg.sparse.method,
-            "masked_layers": masked.get("masked_layers", 0),
+            "masked_layers": loaded.get("masked_layers", 0),
         }
         return Source("run", path, cfg.to_dict(), model_tensors(model), info)
 

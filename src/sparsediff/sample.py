@@ -25,6 +25,14 @@ def _device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def final_nm_pattern(cfg) -> str | None:
+    """The N:M pattern an SR-STE run ends with (the last progressive stage, else ``sparse.nm``); None otherwise."""
+    s = cfg.sparse
+    if s.method != "srste":
+        return None
+    return s.progressive[-1].split("@")[0] if s.progressive else s.nm
+
+
 @torch.no_grad()
 def apply_final_masks(model: torch.nn.Module, cfg, ckpt: Path) -> dict[str, Any]:
     """Multiply the model's weights by the run's final masks; returns a small report."""
@@ -34,9 +42,7 @@ def apply_final_masks(model: torch.nn.Module, cfg, ckpt: Path) -> dict[str, Any]
     if method == "srste":
         from .sparse.nm import one_shot_nm, parse_nm
 
-        pattern = parse_nm(
-            cfg.sparse.progressive[-1].split("@")[0] if cfg.sparse.progressive else cfg.sparse.nm
-        )
+        pattern = parse_nm(final_nm_pattern(cfg))
         masks = one_shot_nm(
             model,
             pattern.n,
@@ -58,17 +64,43 @@ def apply_final_masks(model: torch.nn.Module, cfg, ckpt: Path) -> dict[str, Any]
     return {"masked_layers": len(masks)}
 
 
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The run's latest checkpoint directory; a clear error when it has none yet."""
+    ckpt = CheckpointDir(Path(run_dir) / "checkpoints").latest()
+    if ckpt is None:
+        raise StateError(
+            f"{run_dir} has no checkpoint yet; train it first (sparsediff train ... --out {run_dir})"
+        )
+    return ckpt
+
+
+def load_masked_model(run_dir: str | Path, use_ema: bool = True):
+    """``(cfg, model, info)``: the run's denoiser on the CPU with its (EMA) weights and final masks.
+
+    Like :func:`load_for_inference`, without building the task (no first stage or data needed, e.g. to
+    export or fine-tune a model).
+    """
+    from .models import build_model
+    from .train import load_model_weights, load_run_config
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    model = build_model(cfg.model)
+    weights = "ema" if use_ema else "model"
+    load_model_weights(model, ckpt / f"{weights}.safetensors")
+    info: dict[str, Any] = {"run": str(run_dir), "checkpoint": str(ckpt), "weights": weights}
+    info.update(apply_final_masks(model, cfg, ckpt))
+    return cfg, model.eval(), info
+
+
 def load_for_inference(run_dir: str | Path, use_ema: bool = True, device: str | None = None):
     """``(cfg, task, model, info)`` with the latest checkpoint's (EMA) weights and final masks."""
     from .train import load_model_weights, load_run_config
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    ckpt = CheckpointDir(run_dir / "checkpoints").latest()
-    if ckpt is None:
-        raise StateError(
-            f"{run_dir} has no checkpoint yet; train it first (sparsediff train ... --out {run_dir})"
-        )
+    ckpt = latest_checkpoint(run_dir)
     task = make_task(cfg, run_dir)
     model = task.build_model()
     load_model_weights(model, ckpt / ("ema.safetensors" if use_ema else "model.safetensors"))
