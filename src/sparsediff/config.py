@@ -267,6 +267,18 @@ def load_raw(name: str) -> dict[str, Any]:
     return data
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (``args`` mappings stay whole, as in configs)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "args":
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def deep_update(target: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
     for key, value in updates.items():
         if isinstance(value, dict) and isinstance(target.get(key), dict) and key != "args":

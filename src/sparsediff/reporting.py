@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import flatten
 from .errors import ConfigError
 
 DYNAMIC_METHODS = ("rigl", "magran")
@@ -39,18 +40,6 @@ def unique(values: Iterable[Any]) -> list[Any]:
     for v in values:
         if v not in out:
             out.append(v)
-    return out
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (``args`` mappings stay whole, as in configs)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and k != "args":
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
     return out
 
 

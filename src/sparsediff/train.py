@@ -31,7 +31,7 @@ from .checkpoint import (
     optimizer_to_tensors,
     read_trainer_state,
 )
-from .config import RunConfig, config_from_dict
+from .config import RunConfig, config_from_dict, flatten
 from .errors import ConfigError, StateError, TrainingError
 from .sparse import count_flops, sparsify, training_flops_per_step, training_flops_total
 from .sparse.engine import derive_seed
@@ -80,19 +80,8 @@ class EpochSampler:
         return torch.tensor(out, dtype=torch.long)
 
 
-def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and k != "args":
-            out.update(flatten_config(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
-    fa, fb = flatten_config(a.to_dict()), flatten_config(b.to_dict())
+    fa, fb = flatten(a.to_dict()), flatten(b.to_dict())
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
 
 
@@ -225,8 +214,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
             raise ConfigError(
                 f"{run_dir} was trained with another configuration; it differs in "
                 + ", ".join(
-                    f"{d} ({flatten_config(saved.to_dict()).get(d)!r} there, "
-                    f"{flatten_config(cfg.to_dict()).get(d)!r} now)"
+                    f"{d} ({flatten(saved.to_dict()).get(d)!r} there, {flatten(cfg.to_dict()).get(d)!r} now)"
                     for d in diffs[:4]
                 )
             )
