@@ -267,3 +267,22 @@ def test_resume_equals_straight_run(tmp_path):
         assert a.keys() == b.keys(), name
         for k in a:
             assert torch.equal(a[k], b[k]), f"{name}:{k}"
+
+
+def test_stroke_sheet_draws_held_out_characters_and_one_row_per_run(rigl_run, tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stroke_sheet.py"
+    spec = importlib.util.spec_from_file_location("stroke_sheet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows, labels, preset = module.sheet_rows([rigl_run], num=3, size=32)
+    assert labels == ["held-out\n(real)", "rigl 0.5\n(ddpm 50)"] and isinstance(preset, str)
+    for row in rows:  # three 32-pixel cells and two 2-pixel separators, each cell with ink on black
+        assert row.shape == (32, 3 * 32 + 2 * 2)
+        for k in range(3):
+            cell = row[:, k * 34 : k * 34 + 32]
+            assert cell.max() > 128 and np.median(cell) == 0
+    out = module.sheet([rigl_run], tmp_path / "sheet.png", num=3, size=32)
+    with Image.open(out) as im:
+        assert im.size[1] > 2 * 32
