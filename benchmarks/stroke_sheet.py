@@ -23,10 +23,8 @@ def _row(drawings, size: int, line_width: float) -> np.ndarray:
 
     cells = [rasterize(d, size=size, line_width=line_width, padding=RASTER_PADDING) for d in drawings]
     gap = np.full((size, 2), 96, dtype=np.uint8)
-    parts = []
-    for c in cells:
-        parts += [c, gap]
-    return np.concatenate(parts[:-1], axis=1)
+    parts = [part for c in cells for part in (gap, c)][1:]  # cells separated by gaps
+    return np.concatenate(parts, axis=1)
 
 
 def sheet_rows(
@@ -35,7 +33,6 @@ def sheet_rows(
     """``(rows, labels, preset)``: held-out characters first, then one row of samples per run."""
     from sparsediff.reporting import find_runs, load_run
     from sparsediff.sample import generate
-    from sparsediff.tasks.strokes import decode_sequence
 
     runs = [load_run(r) for r in find_runs(run_dirs)]
     if not runs:
@@ -49,10 +46,9 @@ def sheet_rows(
         rows.append(_row(samples.extras["strokes"], size, line_width))
         label = r.method if r.method == "dense" else f"{r.method} {r.sparsity:g}"
         labels.append(f"{label}\n({info['sampler']} {info['steps']})")
-    ds = task._dataset("val")
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(ds), size=min(num, len(ds)), replace=False)
-    real = [decode_sequence(ds.absolute(int(i)), "absolute", 0.5) for i in pick]
+    held_out = task.reference_drawings()
+    pick = np.random.default_rng(seed).choice(len(held_out), size=min(num, len(held_out)), replace=False)
+    real = [held_out[i] for i in pick]
     return [_row(real, size, line_width), *rows], ["held-out\n(real)", *labels], runs[0].preset
 
 

@@ -74,6 +74,15 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return ckpt
 
 
+def _restore(model: torch.nn.Module, cfg, ckpt: Path, use_ema: bool) -> dict[str, Any]:
+    """Load the checkpoint's (EMA) weights into ``model`` and apply the final masks; a small report."""
+    from .train import load_model_weights
+
+    weights = "ema" if use_ema else "model"
+    load_model_weights(model, ckpt / f"{weights}.safetensors")
+    return {"checkpoint": str(ckpt), "weights": weights, **apply_final_masks(model, cfg, ckpt)}
+
+
 def load_masked_model(run_dir: str | Path, use_ema: bool = True):
     """``(cfg, model, info)``: the run's denoiser on the CPU with its (EMA) weights and final masks.
 
@@ -81,31 +90,26 @@ def load_masked_model(run_dir: str | Path, use_ema: bool = True):
     export or fine-tune a model).
     """
     from .models import build_model
-    from .train import load_model_weights, load_run_config
+    from .train import load_run_config
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     ckpt = latest_checkpoint(run_dir)
     model = build_model(cfg.model)
-    weights = "ema" if use_ema else "model"
-    load_model_weights(model, ckpt / f"{weights}.safetensors")
-    info: dict[str, Any] = {"run": str(run_dir), "checkpoint": str(ckpt), "weights": weights}
-    info.update(apply_final_masks(model, cfg, ckpt))
+    info = {"run": str(run_dir), **_restore(model, cfg, ckpt, use_ema)}
     return cfg, model.eval(), info
 
 
 def load_for_inference(run_dir: str | Path, use_ema: bool = True, device: str | None = None):
     """``(cfg, task, model, info)`` with the latest checkpoint's (EMA) weights and final masks."""
-    from .train import load_model_weights, load_run_config
+    from .train import load_run_config
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     ckpt = latest_checkpoint(run_dir)
     task = make_task(cfg, run_dir)
     model = task.build_model()
-    load_model_weights(model, ckpt / ("ema.safetensors" if use_ema else "model.safetensors"))
-    info = {"checkpoint": str(ckpt), "weights": "ema" if use_ema else "model"}
-    info.update(apply_final_masks(model, cfg, ckpt))
+    info = _restore(model, cfg, ckpt, use_ema)
     dev = _device(device)
     model.to(dev).eval()
     return cfg, task, model, info

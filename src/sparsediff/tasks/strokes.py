@@ -275,6 +275,11 @@ class StrokeDiffusionTask(Task):
             images=images, extras={"strokes": drawings, "sequences": sequences, "lengths": lengths}
         )
 
+    def reference_drawings(self) -> list[list[np.ndarray]]:
+        """The validation split as drawings (lists of absolute (K, 2) strokes), in split order."""
+        ds = self._dataset("val")
+        return [decode_sequence(ds.absolute(i), "absolute", 0.5) for i in range(len(ds))]
+
     def reference_images(self, n: int | None = None) -> torch.Tensor:
         """The validation split rasterised like the samples: uint8 (N, 1, S, S).
 
@@ -282,8 +287,7 @@ class StrokeDiffusionTask(Task):
         source order, which for KanjiVG is code-point order: a prefix would be all kana).
         """
         if self._reference is None:
-            ds = self._dataset("val")
-            drawings = [decode_sequence(ds.absolute(i), "absolute", 0.5) for i in range(len(ds))]
+            drawings = self.reference_drawings()
             self._reference = rasterize_drawings(drawings, self.raster_size, self.raster_line_width)
         ref = self._reference
         if n is not None and n < len(ref):
