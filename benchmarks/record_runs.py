@@ -1,8 +1,9 @@
 """Copy the light files of finished run directories into ``benchmarks/results/`` and report on the copies.
 
 Recorded runs are committed without checkpoints, latent caches or individual samples: each run keeps
-``config.yaml``, ``summary.json``, ``eval.json``, ``metrics.jsonl`` and ``eval/grid.png`` (all that
-``sparsediff report`` reads), so the committed report can be regenerated from the committed files::
+its config, summary, evaluation, metrics and evaluation sample grid (all that ``sparsediff report``
+reads; the names are :class:`sparsediff.run.RunDir`'s), so the committed report can be regenerated from
+the committed files::
 
     .venv/bin/python benchmarks/record_runs.py runs/grid benchmarks/results/ldm-fmnist-grid \
         --command "sparsediff sweep --preset ldm-fmnist ... --out runs/grid"
@@ -14,9 +15,19 @@ import argparse
 import shutil
 from pathlib import Path
 
-from sparsediff.reporting import find_runs, report
+from sparsediff.report import find_runs, report
+from sparsediff.run import RunDir
+from sparsediff.sweep.plan import MANIFEST
+from sparsediff.sweep.runner import FIRST_STAGE
 
-LIGHT_FILES = ("config.yaml", "summary.json", "eval.json", "metrics.jsonl", "eval/grid.png", "sweep.json")
+LIGHT_FILES = (
+    RunDir.CONFIG,
+    RunDir.SUMMARY,
+    RunDir.EVAL,
+    RunDir.METRICS,
+    f"{RunDir.EVAL_DIR}/grid.png",
+    MANIFEST,
+)
 
 
 def record(src_dirs: list[Path], dest: Path, command: str | None = None) -> dict:
@@ -28,7 +39,7 @@ def record(src_dirs: list[Path], dest: Path, command: str | None = None) -> dict
                 (target / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(run / name, target / name)
     for src in src_dirs:  # the sweep's own record and the first stage's summary, when present
-        for name in ("sweep.json", "first-stage/summary.json"):
+        for name in (MANIFEST, f"{FIRST_STAGE}/{RunDir.SUMMARY}"):
             if (src / name).is_file():
                 out = dest / name.replace("/", "-")
                 shutil.copyfile(src / name, out)

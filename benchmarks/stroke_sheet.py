@@ -31,7 +31,7 @@ def sheet_rows(
     run_dirs: list[Path], num: int = 12, size: int = 128, seed: int = 0
 ) -> tuple[list[np.ndarray], list[str], str]:
     """``(rows, labels, preset)``: held-out characters first, then one row of samples per run."""
-    from sparsediff.reporting import find_runs, load_run
+    from sparsediff.report import find_runs, load_run
     from sparsediff.sample import generate
 
     runs = [load_run(r) for r in find_runs(run_dirs)]

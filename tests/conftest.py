@@ -1,14 +1,18 @@
-"""Shared test settings: few threads, deterministic kernels, a bounded hypothesis profile."""
+"""Shared test settings (few threads, a bounded hypothesis profile) and the fixtures several modules use.
+
+Plain helpers and constants are in ``helpers.py``; test modules never import each other or this file.
+"""
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+from helpers import TINY_LDM
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
 settings.register_profile(
@@ -20,22 +24,12 @@ settings.register_profile(
 )
 settings.load_profile("sparsediff")
 
-SCRIPTS = Path(__file__).parent / "scripts"
 
+@pytest.fixture(scope="session")
+def first_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny-ldm preset's autoencoder, trained once per session (seconds); tests only read it."""
+    from sparsediff.cli import main as cli  # the whole command line: only for the tests that need it
 
-@pytest.fixture
-def scripts_dir() -> Path:
-    return SCRIPTS
-
-
-def python_env() -> dict[str, str]:
-    """Environment for child processes: the package importable, few threads."""
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONHASHSEED"] = "0"
-    return env
-
-
-PYTHON = sys.executable
+    out = tmp_path_factory.mktemp("fs") / "autoencoder"
+    assert cli(["train-autoencoder", "--preset", TINY_LDM, "--out", str(out), "--quiet"]) == 0
+    return out

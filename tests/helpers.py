@@ -1,9 +1,87 @@
-"""Small models and checks shared by the engine tests."""
+"""What several test modules share: small models and engine checks, the tiny presets, child processes.
+
+Fixtures live in ``conftest.py``; plain functions and constants live here (``from helpers import ...``),
+so that no test module imports another one (or ``conftest``).
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from sparsediff.checkpoint import load_tensors
+from sparsediff.config import RunConfig, load_config
+from sparsediff.run import RunDir
+
+TESTS = Path(__file__).resolve().parent
+SCRIPTS = TESTS / "scripts"
+CONFIGS = TESTS / "configs"
+# The tiny latent-diffusion preset (Fashion-MNIST subset, tiny autoencoder and UNet): seconds per run.
+TINY_LDM = str(CONFIGS / "tiny-ldm.yaml")
+PYTHON = sys.executable
+
+
+# ---------------------------------------------------------------------------- child processes
+
+
+def python_env() -> dict[str, str]:
+    """Environment for child processes: the package importable, few threads."""
+    env = dict(os.environ)
+    src = str(TESTS.parent / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONHASHSEED"] = "0"
+    return env
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """The command line that runs ``args`` (a script, or ``-m module ...``) on ``nproc`` local ranks."""
+    return [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+
+
+# ---------------------------------------------------------------------------- tiny latent diffusion runs
+
+
+def tiny_ldm(first_stage: Path, **sections: dict) -> RunConfig:
+    """The tiny-ldm preset on ``first_stage``, with ``sections`` (``train={"max_steps": 4}``) merged in."""
+    overrides: dict[str, dict] = {"first_stage": {"path": str(first_stage)}}
+    for section, values in sections.items():
+        overrides.setdefault(section, {}).update(values)
+    return load_config(TINY_LDM, overrides)
+
+
+def train_args(first_stage: Path, out: Path, method: str, steps: int, *extra: str) -> list[str]:
+    """Arguments of ``python`` (or of :func:`torchrun`) for ``sparsediff train`` of the tiny preset:
+    ``method`` at sparsity 0.5 with a topology update every 2 steps, ``steps`` steps, quiet."""
+    args = ["-m", "sparsediff", "train", "--preset", TINY_LDM, "--first-stage", str(first_stage)]
+    args += ["--method", method, "--sparsity", "0.5", "--update-every", "2", "--steps", str(steps)]
+    return [*args, "--out", str(out), "--quiet", *extra]
+
+
+def latest_state(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors of the run's latest checkpoint: model, EMA, optimiser and engine."""
+    ckpt = RunDir(run).checkpoints.latest()
+    assert ckpt is not None, f"{run} has no checkpoint"
+    return {
+        name: load_tensors(ckpt / f"{name}.safetensors")[0]
+        for name in ("model", "ema", "optimizer", "engine")
+    }
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    """The latest checkpoints of runs ``a`` and ``b`` hold the same tensors, bit for bit."""
+    sa, sb = latest_state(a), latest_state(b)
+    for name in sa:
+        assert sa[name].keys() == sb[name].keys(), name
+        for k in sa[name]:
+            assert torch.equal(sa[name][k], sb[name][k]), f"{name}:{k}"
+
+
+# ---------------------------------------------------------------------------- engine tests
 
 
 class LayerBank(nn.Module):
@@ -73,3 +151,20 @@ def invariant_problems(engine, optimizer) -> list[str]:
             if bool((s[inactive] != 0).any()):
                 problems.append(f"{name}: optimiser state non-zero at inactive positions")
     return problems
+
+
+def tiny_unet() -> nn.Module:
+    """A diffusers ``UNet2DModel`` small enough for CPU tests (inputs ``(B, 4, 8, 8)``, with attention)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )

@@ -11,31 +11,37 @@ import pytest
 import torch
 
 from sparsediff.config import DataSpec
-from sparsediff.data.kanjivg import PathSyntaxError, kanji_strokes, load_kanjivg, parse_path, read_svg_strokes
-from sparsediff.data.quickdraw import (
-    category_of,
-    load_quickdraw,
-    read_ndjson,
-    read_npz,
-    stroke3_to_strokes,
-    strokes_to_stroke3,
-    write_ndjson,
-    write_npz,
-)
-from sparsediff.data.raster import make_grid, points_to_strokes, rasterize, save_grid, to_svg
-from sparsediff.data.strokes import (
+from sparsediff.data import (
     DataReport,
     SkipReason,
     StrokeDataset,
     build_stroke_dataset,
     collate_strokes,
     from_velocity,
+    hershey_digits,
+    kanji_strokes,
+    load_kanjivg,
+    load_quickdraw,
+    load_vmnist,
+    make_grid,
+    parse_path,
+    points_to_strokes,
     preprocess,
+    random_affine,
+    rasterize,
+    read_ndjson,
+    read_npz,
+    read_svg_strokes,
+    save_grid,
     split_indices,
     to_points,
+    to_svg,
     to_velocity,
+    write_ndjson,
+    write_npz,
 )
-from sparsediff.data.vmnist import hershey_digits, load_vmnist
+from sparsediff.data.kanjivg import PathSyntaxError
+from sparsediff.data.quickdraw import category_of, stroke3_to_strokes, strokes_to_stroke3
 from sparsediff.errors import ConfigError, DataError
 
 SVG_HEAD = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 109 109">'
@@ -498,6 +504,24 @@ def test_hershey_digits():
         hershey_digits(fonts=["japanese"])
     with pytest.raises(ConfigError, match="unknown Hershey"):
         hershey_digits(fonts=["comic-sans"])
+
+
+def test_random_affine_about_the_box_centre():
+    strokes = [np.array([[0.0, 0.0], [4.0, 0.0]]), np.array([[4.0, 2.0], [2.0, 2.0], [0.0, 2.0]])]
+    still = random_affine(strokes, np.random.default_rng(0), rotation=0.0, scale=(1.0, 1.0), shear=0.0)
+    assert all(np.allclose(a, b) for a, b in zip(still, strokes))
+    # a pure rotation by +-90 degrees keeps the centre (2, 1) and every distance from it
+    turned = random_affine(strokes, np.random.default_rng(1), rotation=90.0, scale=(1.0, 1.0), shear=0.0)
+    centre = np.array([2.0, 1.0])
+    for a, b in zip(turned, strokes):
+        assert np.allclose(np.linalg.norm(a - centre, axis=1), np.linalg.norm(b - centre, axis=1))
+    th = np.deg2rad(np.random.default_rng(1).uniform(-90.0, 90.0))
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])  # (2, 2), counter-clockwise
+    assert np.allclose(turned[0], (strokes[0] - centre) @ rot.T + centre)
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    a = random_affine(strokes, rng_a, 10.0, (0.8, 1.2), 0.2)
+    b = random_affine(strokes, rng_b, 10.0, (0.8, 1.2), 0.2)
+    assert _same_strokes(a, b) and rng_a.random() == rng_b.random()  # same draws, same copy
 
 
 # ---------------------------------------------------------------------------- raster and SVG

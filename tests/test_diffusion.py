@@ -84,38 +84,15 @@ def test_ddim_eta1_all_steps_equals_ddpm():
 
     shape = (3, 2, 4, 4)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    a = sample(
-        eps_model,
-        sched,
-        shape,
-        sampler="ddpm",
-        generator=torch.Generator().manual_seed(7),
-        x_T=x_T,
-        dtype=torch.float64,
-    )
-    b = sample(
-        eps_model,
-        sched,
-        shape,
-        sampler="ddim",
-        steps=1000,
-        eta=1.0,
-        generator=torch.Generator().manual_seed(7),
-        x_T=x_T,
-        dtype=torch.float64,
-    )
+
+    def draw(**sampler) -> torch.Tensor:  # the same start and the same noise stream for every sampler
+        gen = torch.Generator().manual_seed(7)
+        return sample(eps_model, sched, shape, generator=gen, x_T=x_T, dtype=torch.float64, **sampler)
+
+    a = draw(sampler="ddpm")
+    b = draw(sampler="ddim", steps=1000, eta=1.0)
     assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
-    c = sample(
-        eps_model,
-        sched,
-        shape,
-        sampler="ddim",
-        steps=1000,
-        eta=0.0,
-        generator=torch.Generator().manual_seed(7),
-        x_T=x_T,
-        dtype=torch.float64,
-    )
+    c = draw(sampler="ddim", steps=1000, eta=0.0)
     assert not torch.allclose(a, c, atol=1e-3)
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import sparsediff
-from helpers import LayerBank, invariant_problems, train_steps
+from helpers import LayerBank, invariant_problems, tiny_unet, train_steps
 from sparsediff.errors import ConfigError, StateError
 
 
@@ -111,20 +111,8 @@ def test_mask_gradients_before_clipping_gives_sparse_norm():
 
 
 def test_works_unchanged_on_diffusers_unet():
-    from diffusers import UNet2DModel
-
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    unet = tiny_unet()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
     eng = sparsediff.sparsify(unet, opt, method="rigl", sparsity=0.8, update_every=2, total_steps=20)
     names = set(eng.names)

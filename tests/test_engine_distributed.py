@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, SCRIPTS, python_env
+from helpers import PYTHON, SCRIPTS, python_env, torchrun
 
 
 def _run(args, timeout=300):
@@ -58,16 +58,7 @@ def test_resumption_in_fresh_process_is_bitwise_exact(tmp_path, method):
 def test_two_process_ddp_keeps_masks_identical(tmp_path):
     result = tmp_path / "ddp.json"
     proc = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(SCRIPTS / "ddp_engine.py"),
-            str(result),
-        ],
+        torchrun(2, str(SCRIPTS / "ddp_engine.py"), str(result)),
         env=python_env(),
         capture_output=True,
         text=True,

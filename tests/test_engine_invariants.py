@@ -54,7 +54,9 @@ def test_invariants_hold_after_every_step(
         end_step="never",
         seed=seed,
     )
-    ever_active = {n: m.clone() for n, m in engine.masks.items()}
+    initial = {n: m.clone() for n, m in engine.masks.items()}
+    ever_active = {n: m.clone() for n, m in initial.items()}
+    reported_new = 0  # connections the engine's update statistics call new
     gen = torch.Generator().manual_seed(seed)
 
     for _ in range(8):
@@ -76,7 +78,14 @@ def test_invariants_hold_after_every_step(
                 assert torch.all(s[newly] == 0)
             ever_active[name] |= after[name]
         assert changed == any_new
+        reported_new += engine.new_connections()
         opt.zero_grad()
+
+    # Weights explored outside the initial mask: each one entered as a new connection of some update (so
+    # the engine's statistics account for all of them), and the run explored iff an update reported one.
+    explored = sum(int((ever_active[n] & ~initial[n]).sum()) for n in engine.names)
+    assert explored <= reported_new
+    assert (explored > 0) == (reported_new > 0)
 
 
 @given(
@@ -137,13 +146,20 @@ def test_active_counts_preserved_over_1000_updates():
             end_step="never",
         )
 
-        def check(engine=engine):
+        initial = {n: m.clone() for n, m in engine.masks.items()}
+        ever_active = {n: m.clone() for n, m in initial.items()}
+
+        def check(engine=engine, ever_active=ever_active):
             for name, p in engine.named_parameters():
                 assert int(engine.masks[name].sum()) == engine.budgets[name]
                 assert int(torch.count_nonzero(p.detach())) <= engine.budgets[name]
+                ever_active[name] |= engine.masks[name]
 
         train_steps(model, opt, engine, 1000, check=check)
         assert engine.num_updates == 1000
+        # Dynamic sparse training explores: every layer grew weights outside its initial mask.
+        for name in engine.names:
+            assert bool((ever_active[name] & ~initial[name]).any()), f"{method}: {name} never explored"
         assert invariant_problems(engine, opt) == []
         engine.remove()
 
@@ -179,7 +195,7 @@ def test_static_masks_never_change_and_dense_does_nothing():
     model2 = LayerBank([("linear", 10, 10)])
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
     dense = sparsediff.sparsify(model2, opt2, method="dense", sparsity=0.9)
-    assert dense.config.sparsity == 0.0
+    assert dense.spec.sparsity == 0.0
     assert int(torch.count_nonzero(model2.layers[0].weight)) == 100
 
 

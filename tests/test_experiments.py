@@ -13,34 +13,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import TINY_LDM as TINY
 from sparsediff.checkpoint import CheckpointDir
 from sparsediff.cli import main as cli
 from sparsediff.config import load_config
 from sparsediff.errors import ConfigError, TrainingError
-from sparsediff.experiments import (
-    GridPoint,
-    expand_grid,
-    load_run,
-    mean_std,
-    plan_runs,
-    read_metrics,
-    report,
-    run_status,
-    sweep,
-)
+from sparsediff.report import load_run, mean_std, read_metrics, report
+from sparsediff.sweep import GridPoint, SweepSpec, expand_grid, plan_runs, run_status, sweep
 
-TINY = str(Path(__file__).parent / "configs" / "tiny-ldm.yaml")
 # a few steps per run, a checkpoint every 3, few samples for FID
 COMMON = dict(steps=6, overrides=["train.ckpt_every=3"], eval_samples=16, quiet=True)
 CRASHED = "rigl-s0.5-p0.5-seed0"
 NAMES = ["static-s0.5-seed0", "static-s0.75-seed0", CRASHED, "rigl-s0.75-p0.5-seed0"]
-
-
-@pytest.fixture(scope="module")
-def first_stage(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fs") / "autoencoder"
-    assert cli(["train-autoencoder", "--preset", TINY, "--out", str(out), "--quiet"]) == 0
-    return out
 
 
 def _read(path: Path) -> dict | None:
@@ -162,11 +146,12 @@ def test_bad_overrides_fail_before_training(tmp_path, first_stage):
         plan_runs(TINY, points, tmp_path, overrides=["sparse.sparsity=0.3"])
     with pytest.raises(ConfigError, match="unknown key 'nope'"):
         sweep(
-            TINY, ["dense", "rigl"], [0.5], [0.1], [0], tmp_path / "s", overrides=["train.nope=1"], quiet=True
+            SweepSpec(TINY, ["dense", "rigl"], [0.5], [0.1], [0], tmp_path / "s", overrides=["train.nope=1"]),
+            quiet=True,
         )
     assert not (tmp_path / "s").exists()
     with pytest.raises(ConfigError, match="needs a pretrained first stage"):
-        sweep("ldm-celebahq", ["dense"], [], None, [0], tmp_path / "c", quiet=True)
+        sweep(SweepSpec("ldm-celebahq", ["dense"], [], None, [0], tmp_path / "c"), quiet=True)
     planned = plan_runs(TINY, points, tmp_path, steps=7, first_stage=first_stage)
     cfg = planned[0].cfg
     assert planned[0].run_dir == tmp_path.resolve() / "rigl-s0.5-p0.1-seed0"
@@ -175,7 +160,7 @@ def test_bad_overrides_fail_before_training(tmp_path, first_stage):
 
 
 def test_first_stage_is_trained_once_and_shared(tmp_path, first_stage):
-    from sparsediff.experiments import resolve_first_stage
+    from sparsediff.sweep import resolve_first_stage
 
     path = Path(resolve_first_stage(TINY, None, None, tmp_path, quiet=True))
     assert path == (tmp_path / "first-stage").resolve()
@@ -272,7 +257,7 @@ def test_cli_sweep_on_a_finished_sweep_repeats_nothing(swept, first_stage, capsy
 
 def test_parallel_sweep_resumes_in_subprocesses(first_stage, tmp_path):
     from sparsediff.evaluate import evaluate_run
-    from sparsediff.experiments import _cpu_count
+    from sparsediff.sweep import cpu_count
     from sparsediff.train import train
 
     args = dict(preset=TINY, methods=["magran"], sparsities=[0.5, 0.75], prune_ratios=[0.5], seeds=[0])
@@ -290,7 +275,7 @@ def test_parallel_sweep_resumes_in_subprocesses(first_stage, tmp_path):
     status = {r["name"]: (r["status"], r["start"]) for r in result["runs"]}
     assert status == {done.point.name: ("skipped", "evaluated"), partial.point.name: ("done", "partial")}
     log = (partial.run_dir / "train.log").read_text()
-    assert f"OMP_NUM_THREADS={max(1, _cpu_count() // 2)} " in log
+    assert f"OMP_NUM_THREADS={max(1, cpu_count() // 2)} " in log
     assert "from step-00000003 (step 3 of 6)" in log  # the child resumed the checkpoint
     assert "fid_sparsediff_fmnist" in (partial.run_dir / "evaluate.log").read_text()
     assert json.loads((partial.run_dir / "summary.json").read_text())["steps"] == 6
@@ -416,7 +401,8 @@ def test_report_errors(tmp_path, capsys):
 
 
 def test_report_separates_oneshot_from_srste_finetuning(tmp_path):
-    """`finetune --method oneshot` writes sparse.method srste in its config; summary.json says oneshot."""
+    """A one-shot run recorded before configs named its method says sparse.method srste in its config and
+    oneshot in summary.json (benchmarks/results/sparsedm-fmnist); it still reads as oneshot."""
     root = tmp_path / "nm"
     common = dict(params_nonzero=500, flops_forward_sparse=200, flops_train_total=3000)
     _hand_run(root, "dense", "dense", 0.0, 0, 20.0, params_nonzero=1000, flops_forward_sparse=400)
@@ -432,3 +418,7 @@ def test_report_separates_oneshot_from_srste_finetuning(tmp_path):
     rows = [x for x in text.splitlines() if x.startswith("| oneshot") or x.startswith("| srste")]
     assert len(rows) == 2 and "90.00" in rows[0] and "30.00" in rows[1]
     assert "seed 0 twice" not in text
+    # `finetune --method oneshot` now writes sparse.method oneshot in the config itself
+    run = _hand_run(tmp_path / "new", "one", "oneshot", 0.5, 0, 90.0, **common)
+    rec = load_run(run)
+    assert rec.method == "oneshot" and rec.sparsity == 0.5 and rec.series == "oneshot 2:4"

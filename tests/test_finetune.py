@@ -11,18 +11,20 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import TINY_LDM as TINY
+from helpers import assert_same_state
+from helpers import tiny_ldm as tiny
 from sparsediff.checkpoint import CheckpointDir, load_tensors
 from sparsediff.cli import main as cli
 from sparsediff.config import load_config
 from sparsediff.errors import ConfigError
-from sparsediff.export_cmd import export_masked_dense, export_semi_structured, load_export
+from sparsediff.export import export_masked_dense, export_semi_structured, load_export
 from sparsediff.finetune import finetune, sparsedm_schedule
 from sparsediff.models import build_model
-from sparsediff.sample import load_for_inference
+from sparsediff.run import load_for_inference, load_run_config
 from sparsediff.sparse import has_nm_hooks, select_targets
 from sparsediff.tasks import make_task
-from sparsediff.train import load_run_config, train
-from test_train_ldm import TINY, assert_same_state, first_stage, tiny  # noqa: F401  (fixture)
+from sparsediff.train import train
 
 HAS_SPARSE_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 NM_SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "nm_speed.py"
@@ -59,7 +61,7 @@ def metrics(run: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def dense_run(first_stage, tmp_path_factory) -> Path:  # noqa: F811
+def dense_run(first_stage, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("dense") / "run"
     train(tiny(first_stage, train={"max_steps": 6}), run, quiet=True)
     return run
@@ -244,7 +246,9 @@ def test_oneshot_prunes_the_source_by_magnitude_and_evaluates(dense_run, tmp_pat
     summary = finetune(dense_run, run, method="oneshot", nm="2:4", quiet=True)
     assert summary["method"] == "oneshot" and summary["steps"] == 0 and summary["pattern"] == "2:4"
     cfg = load_run_config(run)
-    assert cfg.sparse.method == "srste" and cfg.train.max_steps == 0 and "one-shot" in cfg.description
+    # the config and the summary agree: a one-shot run is masked to sparse.nm, without training
+    assert cfg.sparse.method == "oneshot" and cfg.train.max_steps == 0 and "one-shot" in cfg.description
+    assert cfg.sparse.nm == "2:4"
     source = load_tensors(CheckpointDir(dense_run / "checkpoints").latest() / "ema.safetensors")[0]
     pruned = load_tensors(CheckpointDir(run / "checkpoints").latest() / "ema.safetensors")[0]
     # an independent reference: per group of 4 input channels, the two largest |w| survive, unchanged
@@ -280,7 +284,7 @@ def _tiny_unet(sample_size: int = 8):
     )
 
 
-def test_finetune_from_a_diffusers_unet(first_stage, tmp_path, capsys):  # noqa: F811
+def test_finetune_from_a_diffusers_unet(first_stage, tmp_path, capsys):
     unet = _tiny_unet()
     unet.save_pretrained(tmp_path / "unet")
     out = tmp_path / "run"

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import sparsediff
+from helpers import tiny_unet
 from sparsediff.sparse import count_flops, training_flops_per_step, training_flops_total
 
 
@@ -62,19 +63,7 @@ def test_attention_matmuls_stay_dense():
 
 
 def test_unet_attention_counted_dense():
-    from diffusers import UNet2DModel
-
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    unet = tiny_unet()
     eng = sparsediff.sparsify(unet, None, method="static", sparsity=0.9)
     rep = count_flops(unet, (torch.randn(1, 4, 8, 8), torch.tensor([3])), eng)
     assert all(layer.flops_dense > 0 for layer in rep.layers), "every sparsified weight is used"

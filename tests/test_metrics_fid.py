@@ -18,7 +18,7 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from conftest import PYTHON, python_env
+from helpers import PYTHON, python_env
 from sparsediff.errors import ConfigError, DataError, StateError
 from sparsediff.metrics import features as feat
 from sparsediff.metrics import fid as fidmod
@@ -96,7 +96,7 @@ def test_registration_is_idempotent_and_works_in_a_fresh_process():
         from sparsediff.data import load_fashion_mnist
         x = load_fashion_mnist("test")[0][:64].unsqueeze(1)
         a = torch_fidelity.calculate_metrics(
-            input1=m.ImageTensorDataset(x[:32]), input2=m.ImageTensorDataset(x[32:]), fid=True,
+            input1=m.FidInputDataset(x[:32]), input2=m.FidInputDataset(x[32:]), fid=True,
             feature_extractor="sparsediff-fmnist", cuda=False, verbose=False, save_cpu_ram=True, cache=False,
         )[torch_fidelity.KEY_METRIC_FID]
         m.register_extractors()
@@ -229,16 +229,16 @@ def test_shipped_fmnist_asset_classifies_real_images(fmnist):
         assert net.features(feat.preprocess(x[:4])).shape == (4, 128)
     meta = json.loads(feat.asset_path("fmnist").with_suffix(".json").read_text())
     assert meta["kind"] == "fmnist" and meta["feature_dim"] == 128 and meta["input_size"] == [1, 32, 32]
-    assert meta["test_accuracy"] > 0.85 and meta["command"] == "python -m sparsediff.metrics.features fmnist"
+    assert meta["test_accuracy"] > 0.85 and meta["command"] == "sparsediff train-features fmnist"
     assert feat.asset_path("fmnist").stat().st_size < 1_000_000
 
 
 def test_missing_or_corrupt_asset_names_the_command(tmp_path, monkeypatch, fmnist):
     shipped = feat.ASSETS_DIR
     monkeypatch.setattr(feat, "ASSETS_DIR", tmp_path)
-    with pytest.raises(DataError, match=r"python -m sparsediff\.metrics\.features fmnist"):
+    with pytest.raises(DataError, match=r"sparsediff train-features fmnist"):
         load_feature_net("fmnist")
-    with pytest.raises(DataError, match=r"python -m sparsediff\.metrics\.features fmnist"):
+    with pytest.raises(DataError, match=r"sparsediff train-features fmnist"):
         compute_fid(fmnist["test"][:10], fmnist["test"][10:20])
     with pytest.raises(DataError, match=r"strokes --data"):
         load_feature_net("strokes")
@@ -246,12 +246,12 @@ def test_missing_or_corrupt_asset_names_the_command(tmp_path, monkeypatch, fmnis
     data = (shipped / "features-fmnist.safetensors").read_bytes()
     (tmp_path / "features-fmnist.safetensors").write_bytes(data[:-4] + b"\0\0\0\0")
     (tmp_path / "features-fmnist.json").write_bytes((shipped / "features-fmnist.json").read_bytes())
-    with pytest.raises(DataError, match="SHA-256.*python -m sparsediff"):
+    with pytest.raises(DataError, match="SHA-256.*sparsediff train-features"):
         load_feature_net("fmnist")
     # Without its JSON, a truncated file fails in the safetensors reader: still a DataError with advice.
     (tmp_path / "features-fmnist.json").unlink()
     (tmp_path / "features-fmnist.safetensors").write_bytes(data[:1000])
-    with pytest.raises(DataError, match="cannot read.*python -m sparsediff"):
+    with pytest.raises(DataError, match="cannot read.*sparsediff train-features"):
         load_feature_net("fmnist")
     with pytest.raises(ConfigError, match="unknown feature network kind"):
         load_feature_net("kanji")

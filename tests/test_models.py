@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 import sparsediff
-from conftest import PYTHON, python_env
-from helpers import invariant_problems, state_tensors
+from helpers import PYTHON, invariant_problems, python_env, state_tensors
 from sparsediff.config import ModelSpec, load_config
 from sparsediff.errors import ConfigError
 from sparsediff.models import build_model, model_kinds

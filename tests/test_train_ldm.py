@@ -4,48 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import TINY_LDM as TINY
+from helpers import assert_same_state
+from helpers import tiny_ldm as tiny
 from sparsediff.checkpoint import CheckpointDir, load_tensors
 from sparsediff.cli import main as cli
 from sparsediff.config import load_config
 from sparsediff.errors import ConfigError, DataError, TrainingError
+from sparsediff.run import RunDir, RunSummary
 from sparsediff.train import train
-
-TINY = str(Path(__file__).parent / "configs" / "tiny-ldm.yaml")
-
-
-@pytest.fixture(scope="module")
-def first_stage(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fs") / "autoencoder"
-    assert cli(["train-autoencoder", "--preset", TINY, "--out", str(out), "--quiet"]) == 0
-    return out
-
-
-def tiny(first_stage: Path, **sections) -> object:
-    overrides = {"first_stage": {"path": str(first_stage)}}
-    for section, values in sections.items():
-        overrides.setdefault(section, {}).update(values)
-    return load_config(TINY, overrides)
-
-
-def _state(run: Path) -> dict[str, dict[str, torch.Tensor]]:
-    ckpt = CheckpointDir(run / "checkpoints").latest()
-    out = {}
-    for name in ("model", "ema", "optimizer", "engine"):
-        out[name] = load_tensors(ckpt / f"{name}.safetensors")[0]
-    return out
-
-
-def assert_same_state(a: Path, b: Path) -> None:
-    sa, sb = _state(a), _state(b)
-    for name in sa:
-        assert sa[name].keys() == sb[name].keys(), name
-        for k in sa[name]:
-            assert torch.equal(sa[name][k], sb[name][k]), f"{name}:{k}"
 
 
 def test_first_stage_directory(first_stage):
@@ -173,6 +144,31 @@ def test_bad_input_messages(first_stage, tmp_path, capsys):
 
     with pytest.raises(DataError, match="missing"):
         build_image_dataset(cfg.data, "train")
+
+
+def test_failed_start_leaves_nothing_behind(first_stage, tmp_path, capsys):
+    run = tmp_path / "r"
+    base = ["train", "--preset", TINY, "--steps", "2", "--out", str(run), "--quiet"]
+    # no first stage: a clear message, and no run directory that would refuse the corrected command
+    assert cli(base) == 2
+    assert "first_stage.path is not set" in capsys.readouterr().err
+    assert not run.exists()
+    assert cli([*base, "--first-stage", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not run.exists()
+    # a directory that was there before is kept as it was, without a run in it
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert cli(["train", "--preset", TINY, "--out", str(kept), "--quiet"]) == 2
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+    # the corrected command runs
+    assert cli([*base, "--first-stage", str(first_stage)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finished"] and summary["steps"] == 2
+    assert (run / "config.yaml").exists()
+    assert RunDir.is_run(run) and not RunDir.is_run(kept)
+    assert RunSummary.from_dict(RunDir(run).read_summary()).to_dict() == summary
 
 
 def test_pretrained_diffusers_first_stages_load(tmp_path):

@@ -1,8 +1,7 @@
-"""Training across processes: SIGKILL at random moments, and two ranks with torchrun (gloo)."""
+"""Training across processes: SIGKILL at any moment of a step, and two ranks with torchrun (gloo)."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -12,117 +11,89 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, python_env
-from sparsediff.checkpoint import CheckpointDir
-from test_train_ldm import TINY, assert_same_state, first_stage  # noqa: F401  (fixture)
+from helpers import PYTHON, assert_same_state, python_env, torchrun, train_args
+from sparsediff.run import RunDir
+
+STEPS = 12  # of the killed run; a checkpoint after every step
+KILLS = 3
 
 
-def _train_cmd(fs: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        PYTHON,
-        "-m",
-        "sparsediff",
-        "train",
-        "--preset",
-        TINY,
-        "--first-stage",
-        str(fs),
-        "--method",
-        "magran",
-        "--sparsity",
-        "0.5",
-        "--update-every",
-        "2",
-        "--steps",
-        "12",
-        "--set",
-        "train.ckpt_every=1",
-        "--out",
-        str(out),
-        "--quiet",
-        *extra,
-    ]
+def _latest_step(run: Path) -> int:
+    """The step of the run's latest complete checkpoint (-1 without one)."""
+    ckpt = RunDir(run).checkpoints.latest()
+    return -1 if ckpt is None else int(ckpt.name.rsplit("-", 1)[1])
+
+
+def _next_checkpoint(proc: subprocess.Popen, run: Path, after: int, log: Path) -> tuple[int, float]:
+    """Wait until ``run`` has a checkpoint newer than step ``after``: ``(its step, when it was seen)``."""
+    deadline = time.monotonic() + 120
+    while (step := _latest_step(run)) <= after:
+        assert proc.poll() is None, f"training exited ({proc.returncode}) early: {log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"no checkpoint after step {after} within 120 s"
+        time.sleep(0.005)
+    return step, time.monotonic()
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_always_resumes(first_stage, tmp_path):  # noqa: F811
+def test_sigkill_at_any_moment_of_a_step_resumes_bit_exactly(first_stage, tmp_path):
+    """Kill the training process three times, each at a seeded random moment of a training step
+    (forward, backward, topology update or checkpoint writing alike), resume each time: the result is
+    bit for bit the run that was never interrupted.
+
+    The kill points follow the run's progress, not the clock: a process is killed only once it has
+    written two checkpoints of its own (so it is training, and the time between them says how long a
+    step takes), at a random fraction of the next step. Every kill therefore lands inside training, and
+    each process moves the run on by at least two steps.
+    """
     env = python_env()
+    every_step = ("--set", "train.ckpt_every=1")
     straight = subprocess.run(
-        _train_cmd(first_stage, tmp_path / "straight"), env=env, capture_output=True, text=True, timeout=300
+        [PYTHON, *train_args(first_stage, tmp_path / "straight", "magran", STEPS, *every_step)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     run = tmp_path / "killed"
+    resume = [PYTHON, *train_args(first_stage, run, "magran", STEPS, *every_step, "--resume")]
     rng = random.Random(1234)
-    kills = 0
-    for _attempt in range(8):
-        proc = subprocess.Popen(
-            _train_cmd(first_stage, run, "--resume"),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        ckpts = CheckpointDir(run / "checkpoints")
-        before = ckpts.latest()
-        # wait until this process is training (it wrote a new checkpoint), then kill it at a random moment
-        deadline = time.time() + 120
-        while proc.poll() is None and time.time() < deadline and ckpts.latest() == before:
-            time.sleep(0.05)
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            assert proc.returncode == 0, err[-2000:]
-            break
-        time.sleep(rng.uniform(0.0, 0.6))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        # whatever moment it died at, a complete checkpoint is there to resume from
-        assert CheckpointDir(run / "checkpoints").latest() is not None
-    else:
-        final = subprocess.run(
-            _train_cmd(first_stage, run, "--resume"), env=env, capture_output=True, text=True, timeout=300
-        )
-        assert final.returncode == 0, final.stderr[-2000:]
-    assert kills >= 2
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["finished"] and summary["steps"] == 12
-    assert not list((run / "checkpoints").glob(".tmp-*"))
+    for kill in range(KILLS):
+        start = _latest_step(run)
+        log = tmp_path / f"attempt-{kill}.log"
+        with log.open("w") as err:
+            proc = subprocess.Popen(resume, env=env, stdout=subprocess.DEVNULL, stderr=err)
+            try:
+                first, t_first = _next_checkpoint(proc, run, start, log)
+                second, t_second = _next_checkpoint(proc, run, first, log)
+                assert second <= STEPS - 3, f"attempt {kill}: too few steps left to kill it while training"
+                time.sleep(rng.uniform(0.0, t_second - t_first))  # a random moment of the next step
+                assert proc.poll() is None, f"attempt {kill} finished before the kill (at step {second})"
+                os.kill(proc.pid, signal.SIGKILL)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        # whatever moment it died at, the checkpoints it completed are there to resume from
+        assert _latest_step(run) >= second
+
+    final = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-2000:]
+    summary = RunDir(run).read_summary()
+    assert summary["finished"] and summary["steps"] == STEPS
+    assert not list(RunDir(run).checkpoints.root.glob(".tmp-*"))
     assert_same_state(tmp_path / "straight", run)
 
 
 @pytest.mark.distributed
-def test_two_process_torchrun_training(first_stage, tmp_path):  # noqa: F811
+def test_two_process_torchrun_training(first_stage, tmp_path):
     run = tmp_path / "ddp"
-    cmd = [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "sparsediff",
-        "train",
-        "--preset",
-        TINY,
-        "--first-stage",
-        str(first_stage),
-        "--method",
-        "rigl",
-        "--sparsity",
-        "0.5",
-        "--update-every",
-        "2",
-        "--steps",
-        "8",
-        "--out",
-        str(run),
-        "--quiet",
-    ]
+    cmd = torchrun(2, *train_args(first_stage, run, "rigl", 8))
     proc = subprocess.run(cmd, env=python_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
+    summary = RunDir(run).read_summary()
     assert summary["world_size"] == 2
     assert summary["topology_updates"] == 3  # steps 2, 4, 6 (updates end at 75 % of 8 steps)
     assert summary["masks_identical_across_ranks"] is True

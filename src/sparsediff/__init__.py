@@ -8,7 +8,7 @@ The engine is usable on its own::
     optimizer.step(); engine.step()
 """
 
-from .sparse import SparseEngine, count_flops, sparsify
+from .sparse import Engine, SparseEngine, SparseSpec, count_flops, sparsify
 
 __version__ = "0.1.0"
-__all__ = ["SparseEngine", "__version__", "count_flops", "sparsify"]
+__all__ = ["Engine", "SparseEngine", "SparseSpec", "__version__", "count_flops", "sparsify"]

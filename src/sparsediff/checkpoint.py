@@ -13,6 +13,9 @@ its final name (a rename is atomic on POSIX file systems); ``checkpoints/latest`
 way. A process killed at any moment, even halfway through writing, leaves either the previous
 checkpoint or the new one, never a torn one; leftover temporary directories are removed on the next
 start. Nothing here unpickles anything.
+
+Also here: a model's weights and EMA as safetensors tensors, and loading them back with errors that name
+the file and the entries that do not fit.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,13 @@ from safetensors.torch import save_file
 from .errors import StateError
 
 LATEST = "latest"
-_REQUIRED = ("model.safetensors", "trainer.json")
+# The files of one checkpoint directory.
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+ENGINE_FILE = "engine.safetensors"
+TRAINER_FILE = "trainer.json"
+_REQUIRED = (MODEL_FILE, TRAINER_FILE)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -63,6 +73,62 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
     except Exception as e:  # safetensors raises several error types for damaged files
         raise StateError(f"cannot read {path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------- model and EMA weights
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict, tensors only."""
+    return {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+
+
+def load_state_checked(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], path: Any) -> None:
+    """``model.load_state_dict(tensors, strict=True)`` with an error naming ``path`` and the first
+    missing, unexpected or mis-shaped entries."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    wrong = [k for k in own if k in tensors and tuple(own[k].shape) != tuple(tensors[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{k} has shape {tuple(tensors[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+            )
+        raise StateError(f"{path} does not fit this model: " + "; ".join(parts))
+    model.load_state_dict(dict(tensors), strict=True)
+
+
+def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a safetensors state dict file into ``model`` (see :func:`load_state_checked`)."""
+    tensors, _ = load_tensors(path)
+    load_state_checked(model, tensors, path)
+
+
+def ema_tensors(ema: Any, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A diffusers ``EMAModel``'s shadow weights by parameter name, and its counters as metadata."""
+    names = [n for n, _ in model.named_parameters()]
+    tensors = dict(zip(names, ema.shadow_params))
+    meta = {"optimization_step": str(ema.optimization_step), "decay": str(ema.decay)}
+    return tensors, meta
+
+
+def load_ema(ema: Any, model: torch.nn.Module, path: Path) -> None:
+    """Load EMA weights written by :func:`ema_tensors` into ``ema`` (the EMA of ``model``)."""
+    tensors, meta = load_tensors(path)
+    names = [n for n, _ in model.named_parameters()]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise StateError(f"{path}: EMA weights miss parameter(s) {', '.join(missing[:3])}")
+    for shadow, n in zip(ema.shadow_params, names):
+        shadow.copy_(tensors[n])
+    ema.optimization_step = int(meta.get("optimization_step", 0))
 
 
 # ---------------------------------------------------------------------------- optimiser state
@@ -131,8 +197,8 @@ class CheckpointDir:
             save_tensors(tmp / name, tensors, meta)
             _fsync_file(tmp / name)
         manifest = {"step": step, "files": sorted(files), **trainer_state}
-        (tmp / "trainer.json").write_text(json.dumps(manifest, indent=2))
-        _fsync_file(tmp / "trainer.json")
+        (tmp / TRAINER_FILE).write_text(json.dumps(manifest, indent=2))
+        _fsync_file(tmp / TRAINER_FILE)
         _fsync_dir(tmp)
         if final.exists():  # a checkpoint of the same step (a resumed run reaching it again)
             shutil.rmtree(final)
@@ -161,7 +227,7 @@ class CheckpointDir:
     def is_complete(path: Path) -> bool:
         """A checkpoint directory whose manifest and every file it lists are present."""
         try:
-            manifest = json.loads((path / "trainer.json").read_text())
+            manifest = json.loads((path / TRAINER_FILE).read_text())
         except (OSError, json.JSONDecodeError):
             return False
         return all((path / f).exists() for f in manifest.get("files", _REQUIRED))
@@ -187,7 +253,8 @@ class CheckpointDir:
 
 
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's ``trainer.json`` (step, scheduler, ...); a clear error when it is unreadable."""
     try:
-        return json.loads((ckpt / "trainer.json").read_text())
+        return json.loads((ckpt / TRAINER_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise StateError(f"cannot read {ckpt / 'trainer.json'}: {e}") from None
+        raise StateError(f"cannot read {ckpt / TRAINER_FILE}: {e}") from None

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .sparse.spec import SparseSpec  # the `sparse:` section, declared with the engine
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -62,26 +63,6 @@ class DiffusionSpec:
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     timesteps: int = 1000
-
-
-@dataclass
-class SparseSpec:
-    method: str = "dense"
-    sparsity: float = 0.0
-    distribution: str = "erk"
-    prune_ratio: float = 0.3
-    decay: str = "cosine"
-    update_every: int = 100
-    end_fraction: float = 0.75
-    end_step: int | None = None
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    seed: int = 0
-    # N:M fine-tuning (method srste)
-    nm: str = "2:4"
-    srste_lambda: float = 2e-4
-    progressive: list[str] = field(default_factory=list)
-    nm_incompatible: str = "dense"  # dense | error
 
 
 @dataclass
@@ -230,7 +211,10 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
-    return _build(RunConfig, data, source)
+    """Build a :class:`RunConfig` from nested mappings, checking every value (the error names the field)."""
+    cfg = _build(RunConfig, data, source)
+    cfg.sparse.validate(f"{source}.sparse")
+    return cfg
 
 
 def list_presets() -> list[str]:

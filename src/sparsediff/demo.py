@@ -12,7 +12,6 @@ on a synthetic regression task, printing losses and the density report.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .run import RunDir
 from .sparse import count_flops, sparsify
 
 DEMO_DIR = Path("runs/demo")
@@ -51,12 +51,12 @@ def _train_and_evaluate(
     from .evaluate import evaluate_run
     from .train import train
 
-    done = run_dir / "summary.json"
-    if done.exists() and json.loads(done.read_text()).get("finished"):
+    run = RunDir(run_dir)
+    if (run.read_summary() or {}).get("finished"):
         say(f"[demo]     reusing the finished run {run_dir}")
     else:
         say(f"[demo]     training -> {run_dir}")
-        train(load_config(preset, overrides), run_dir, resume=(run_dir / "config.yaml").exists(), quiet=quiet)
+        train(load_config(preset, overrides), run_dir, resume=run.exists(), quiet=quiet)
     say(f"[demo]     evaluating {run_dir} on {num_samples} samples")
     return evaluate_run(run_dir, num_samples=num_samples, sampler=sampler, steps=sampler_steps, quiet=quiet)
 
@@ -306,19 +306,3 @@ def engine_demo(steps: int = 1500, sparsity: float = 0.9, quiet: bool = False) -
                 f"{r['updates']:>8} {r['seconds']:>6.1f}s"
             )
     return results
-
-
-def main(args) -> int:
-    if args.engine:
-        engine_demo(steps=args.steps or 1500, quiet=args.quiet)
-    else:
-        run_demo(
-            Path(args.out),
-            steps=args.steps,
-            num_samples=args.num_samples,
-            quiet=args.quiet,
-            strokes=not args.no_strokes,
-            stroke_steps=args.stroke_steps,
-            stroke_samples=args.stroke_samples,
-        )
-    return 0

@@ -1,25 +1,25 @@
-"""``sparsediff evaluate --run DIR --num-samples N``: FID, parameters and FLOPs of a run -> ``eval.json``.
+"""``sparsediff evaluate --run DIR --num-samples N``: FID, parameters and FLOPs of a run, written to its
+evaluation file (``RunDir.EVAL``).
 
 FID goes through torch-fidelity. With ``--fid-weights PATH`` (the standard Inception file
 ``pt_inception-2015-12-05-6726825d.pth``) it is the usual Inception FID; without it, it is computed in
 the feature space of a small network sparsediff trains on the bundled dataset and ships in the package,
-and ``eval.json`` names it so (``fid_sparsediff_fmnist`` ...): those numbers compare runs with each other,
+and the evaluation names it so (``fid_sparsediff_fmnist`` ...): those numbers compare runs with each other,
 never with published Inception FIDs.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .sample import generate, load_for_inference, save_grid
+from .config import RunConfig
+from .run import RunDir, load_for_inference
+from .sample import generate, save_grid
 from .sparse import count_flops
-from .train import load_run_config
 
 
 def _extractor(task, requested: str | None, fid_weights: str | None) -> str:
@@ -48,9 +48,10 @@ def evaluate_run(
     """Generate samples, compute FID against the held-out split, count parameters and FLOPs."""
     from .metrics import compute_fid
 
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    run_dir = run.path
     t0 = time.perf_counter()
-    cfg = load_run_config(run_dir)
+    cfg = run.load_config()
     num = num_samples or cfg.eval.num_samples
     samples, info, task = generate(
         run_dir, num, sampler, steps, eta, seed, use_ema, cfg.eval.batch_size, device, not quiet
@@ -67,7 +68,7 @@ def evaluate_run(
     )
 
     # parameters and FLOPs of the model that was sampled (EMA weights with the final masks)
-    _, _, model, _ = load_for_inference(run_dir, use_ema, "cpu")
+    _, _, model, _ = load_for_inference(run, use_ema, "cpu")
     targets = _target_names(cfg, model)
     flops = count_flops(model, task.example_inputs(model), None, targets=targets)
     params_total = sum(p.numel() for p in model.parameters())
@@ -78,10 +79,9 @@ def evaluate_run(
     params_nonzero = params_total - target_total + nonzero_targets
     denoise_calls = info["steps"]
     decode = task.decode_flops()
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = run.read_summary() or {}
 
-    out_dir = run_dir / "eval"
+    out_dir = run.eval_dir
     out_dir.mkdir(exist_ok=True)
     grid = save_grid(samples.images[:64], out_dir / "grid.png")
     result = {
@@ -111,13 +111,11 @@ def evaluate_run(
         "sample_seconds": sample_seconds,
         "grid": str(grid),
     }
-    tmp = run_dir / f".eval.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, run_dir / "eval.json")  # atomic: a reader never sees half a file
+    run.write_eval(result)  # atomic: a reader never sees half a file
     return result
 
 
-def _target_names(cfg, model) -> list[str]:
+def _target_names(cfg: RunConfig, model: torch.nn.Module) -> list[str]:
     from .sparse import select_targets
 
     s = cfg.sparse

@@ -3,21 +3,21 @@
 ``sparsediff finetune --from SOURCE --method srste|oneshot --nm 2:4 --out DIR`` makes a new run directory
 from a pretrained denoiser:
 
-- **SOURCE** is a sparsediff run directory (its ``config.yaml`` and the EMA weights of its latest
-  checkpoint, with the run's final masks) or a diffusers ``UNet2DModel`` directory saved with
+- **SOURCE** is a sparsediff run directory (its config and the EMA weights of its latest checkpoint,
+  with the run's final masks) or a diffusers ``UNet2DModel`` directory saved with
   ``save_pretrained`` (or a pipeline directory holding ``unet/``); a diffusers source needs ``--preset``
   for everything a UNet does not carry: data, first stage, noise schedule, sampling.
 - **srste**: SR-STE fine-tuning with distillation. The new run's config is the source's with
   ``sparse.method=srste`` and the N:M pattern (or a progressive schedule), SparseDM's optimiser
-  settings scaled to the run's length (below), and ``train.init_from=init.safetensors``: the source
-  weights, copied into the run directory so that it stays self-contained and resumable
+  settings scaled to the run's length (below), and ``train.init_from`` naming the source weights,
+  copied into the run directory (``RunDir.INIT``) so that it stays self-contained and resumable
   (``sparsediff train --resume --out DIR``). The training loop starts the student from them and, with
   ``train.distill_weight > 0``, distils from a frozen dense copy of them:
   ``loss = ||eps - eps_s||^2 + w * ||eps_teacher - eps_s||^2``.
 - **oneshot**: no training; the source weights are pruned to N:M by magnitude (``one_shot_nm``) and
   written as a finished run (step 0) that ``sparsediff sample`` / ``evaluate`` / ``export`` read like any
-  other. Its config says ``sparse.method: srste`` (how to mask it) with ``train.max_steps: 0``; its
-  ``summary.json`` says ``"method": "oneshot"``.
+  other. Its config says ``sparse.method: oneshot`` (masked to ``sparse.nm``) with
+  ``train.max_steps: 0``, and so does its summary.
 
 SparseDM's optimiser (Paper B): AdamW, lr 2e-4, weight decay 0.03, betas (0.99, 0.999), 2,500 warm-up
 steps, EMA 0.9999. The paper does not give its fine-tuning length, so for a run of S steps the warm-up
@@ -27,22 +27,35 @@ of a tenth of the run) **(assumed)**. Anything given with ``--set`` wins over th
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .config import RunConfig, config_from_dict, deep_update, load_raw, parse_overrides, preset_path
+import torch
+
+from .checkpoint import (
+    EMA_FILE,
+    ENGINE_FILE,
+    MODEL_FILE,
+    load_state_checked,
+    model_tensors,
+    read_trainer_state,
+    save_tensors,
+)
+from .config import RunConfig, config_from_dict, deep_update, load_raw, preset_path
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    import torch
+from .run import RunDir, RunSummary, load_masked_model
+from .sparse import count_flops, one_shot_nm, sparsify
+from .sparse.io import engine_state_to_tensors
+from .sparse.nm import parse_nm, parse_progressive, progressive_schedule
+from .tasks import make_task
+from .train import total_steps, train
 
 FINETUNE_METHODS = ("srste", "oneshot")
-INIT_FILE = "init.safetensors"
 
 # SparseDM (Paper B) fine-tuning settings.
 SPARSEDM_OPTIMIZER = {"lr": 2e-4, "weight_decay": 0.03, "betas": [0.99, 0.999]}
@@ -65,7 +78,7 @@ class Source:
         config: the run's resolved config as a dict; for a diffusers source, the preset's with the UNet's
             own architecture as ``model``.
         state: the denoiser's state dict (CPU, float32), keys as in sparsediff's denoiser.
-        info: JSON-able provenance (recorded in ``init.safetensors`` and ``summary.json``).
+        info: JSON-able provenance (recorded in the run's init weights and summary).
     """
 
     kind: str
@@ -112,23 +125,19 @@ def load_source(source: str | Path, preset: str | None = None, use_ema: bool = T
             class, or ``preset`` is missing / superfluous.
         StateError: the run has no checkpoint, or its files do not fit its model.
     """
-    from .checkpoint import read_trainer_state
-    from .sample import load_masked_model
-    from .train import model_tensors
-
     path = Path(source)
     if not path.exists():
         raise ConfigError(f"--from {source}: no such file or directory")
     if not path.is_dir():
         raise ConfigError(
-            f"--from {source} is a file; give a sparsediff run directory (with config.yaml) or a diffusers "
-            "UNet2DModel directory (with config.json)"
+            f"--from {source} is a file; give a sparsediff run directory (with {RunDir.CONFIG}) or a "
+            "diffusers UNet2DModel directory (with config.json)"
         )
-    if (path / "config.yaml").exists():
+    if RunDir(path).exists():
         if preset is not None:
             raise ConfigError(
-                f"--preset is only for a diffusers source; {source} is a sparsediff run whose config.yaml "
-                "gives every setting (change single fields with --set)"
+                f"--preset is only for a diffusers source; {source} is a sparsediff run whose "
+                f"{RunDir.CONFIG} gives every setting (change single fields with --set)"
             )
         cfg, model, loaded = load_masked_model(path, use_ema)  # a sparse source is the model it samples with
         ckpt = Path(loaded["checkpoint"])
@@ -146,7 +155,7 @@ def load_source(source: str | Path, preset: str | None = None, use_ema: bool = T
     subfolder, cls = _diffusers_unet_dir(path)
     if cls is None:
         raise ConfigError(
-            f"--from {source} is neither a sparsediff run directory (no config.yaml) nor a diffusers "
+            f"--from {source} is neither a sparsediff run directory (no {RunDir.CONFIG}) nor a diffusers "
             "UNet2DModel directory (no config.json, nor model_index.json with unet/config.json)"
         )
     if cls != "UNet2DModel":
@@ -186,8 +195,6 @@ def _progressive(
     progressive: str | list[str] | None, nm: str | None, steps: int | None
 ) -> tuple[str, list[str]]:
     """``(final pattern, schedule entries "N:M@step")`` from ``--nm`` / ``--progressive``."""
-    from .sparse.nm import parse_nm, parse_progressive, progressive_schedule
-
     if progressive is None or progressive == [] or progressive == "":
         return str(parse_nm(nm or "2:4")), []
     entries = (
@@ -214,11 +221,6 @@ def _progressive(
 
 def _planned_steps(data: dict[str, Any], run_dir: Path) -> int:
     """Optimiser steps of the run ``data`` describes (loads the dataset only when it is set in epochs)."""
-    import torch
-
-    from .tasks import make_task
-    from .train import total_steps
-
     cfg = config_from_dict(data, source="finetune config")
     if cfg.train.max_steps is not None:
         return int(cfg.train.max_steps)
@@ -260,8 +262,6 @@ def finetune_config(
         overrides: nested ``--set`` overrides, applied last.
         run_dir: where the run goes (only used to cache latents when the length is given in epochs).
     """
-    from .sparse.nm import parse_nm
-
     if method not in FINETUNE_METHODS:
         raise ConfigError(f"unknown finetune method {method!r}; choose one of {', '.join(FINETUNE_METHODS)}")
     if method == "oneshot" and progressive:
@@ -278,7 +278,7 @@ def finetune_config(
             {
                 "description": f"one-shot {pattern} magnitude pruning of {base_desc} (no training)",
                 "sparse": {
-                    "method": "srste",
+                    "method": "oneshot",
                     "nm": str(pattern),
                     "progressive": [],
                     "sparsity": 1 - pattern.density,
@@ -318,7 +318,7 @@ def finetune_config(
                 "progressive": schedule,
                 "sparsity": 1 - pattern.density,
             },
-            "train": {**scaled, "init_from": INIT_FILE},
+            "train": {**scaled, "init_from": RunDir.INIT},
         },
     )
     deep_update(data, overrides)  # --set still wins
@@ -328,19 +328,16 @@ def finetune_config(
 # ---------------------------------------------------------------------------- checks
 
 
-def _check_model(cfg: RunConfig, source: Source, run_dir: Path):
+def _check_model(cfg: RunConfig, source: Source, run_dir: Path) -> torch.nn.Module:
     """Build the new run's denoiser with the source weights and check that N:M masks fit it."""
     from .models import build_model
-    from .sparse import sparsify
-    from .train import _engine_kwargs, load_state_checked
 
     model = build_model(cfg.model)
     load_state_checked(model, source.state, f"the weights of {source.path}")
-    engine = sparsify(model, None, **_engine_kwargs(cfg, max(1, cfg.train.max_steps or 1)))
-    engine.remove()
+    sparsify(
+        model, None, cfg.sparse, **_as_engine(cfg), total_steps=max(1, cfg.train.max_steps or 1)
+    ).remove()
     if source.kind == "diffusers":
-        from .tasks import make_task
-
         expected = tuple(make_task(cfg, run_dir).data_shape())
         if tuple(model.sample_shape) != expected:
             raise ConfigError(
@@ -351,11 +348,17 @@ def _check_model(cfg: RunConfig, source: Source, run_dir: Path):
     return model
 
 
-def _check_out(out: Path) -> None:
-    if (out / "config.yaml").exists():
+def _as_engine(cfg: RunConfig) -> dict[str, Any]:
+    """``sparsify`` keywords for the run's engine: a one-shot run is masked like an SR-STE run to its
+    pattern (one-shot pruning itself is no engine)."""
+    return {"method": "srste"} if cfg.sparse.method == "oneshot" else {}
+
+
+def _check_out(out: RunDir) -> None:
+    if out.exists():
         raise ConfigError(
-            f"{out} already holds a run; continue it with `sparsediff train --resume --out {out}` or choose "
-            "another --out"
+            f"{out.path} already holds a run; continue it with `sparsediff train --resume --out {out.path}` "
+            "or choose another --out"
         )
 
 
@@ -389,16 +392,12 @@ def finetune(
         use_ema: start from a run's EMA weights (default) or its raw weights.
         stop_after: srste only: stop (with a checkpoint) after this many steps; resume with
             ``train(load_run_config(out), out, resume=True)``.
-        prepare_only: srste only: write ``config.yaml`` and ``init.safetensors`` and return without
+        prepare_only: srste only: write the run's config and init weights and return without
             training (``{"out", "config"}``); train with ``sparsediff train --resume --out OUT``, for
             example under ``accelerate launch`` or ``torchrun`` for several GPUs.
     """
-    import os
-
-    from .checkpoint import save_tensors
-
-    out = Path(out)
-    _check_out(out)
+    run = RunDir(out)
+    _check_out(run)
     src = load_source(source, preset, use_ema)
     cfg = finetune_config(
         src,
@@ -408,35 +407,26 @@ def finetune(
         distill_weight=distill_weight,
         steps=steps,
         overrides=overrides,
-        run_dir=out,
+        run_dir=run.path,
     )
-    model = _check_model(cfg, src, out)  # every check that can fail runs before anything is written
+    model = _check_model(cfg, src, run.path)  # every check that can fail runs before anything is written
     if method == "oneshot":
         if prepare_only:
             raise ConfigError("--prepare-only is for --method srste; oneshot does not train")
-        return _oneshot(cfg, src, model, out)
+        return _oneshot(cfg, src, model, run)
 
-    from .train import train
-
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".tmp-{os.getpid()}-{INIT_FILE}"  # renamed into place: readers never see half a file
+    run.path.mkdir(parents=True, exist_ok=True)
+    tmp = run.path / f".tmp-{os.getpid()}-{RunDir.INIT}"  # renamed into place: readers never see half a file
     save_tensors(tmp, src.state, {"sparsediff_init": json.dumps(src.info)})
-    os.replace(tmp, out / INIT_FILE)
+    os.replace(tmp, run.init_path)
     if prepare_only:
-        (out / "config.yaml").write_text(cfg.to_yaml())
-        return {"out": str(out), "config": cfg.to_dict()}
-    return train(cfg, out, quiet=quiet, stop_after=stop_after)
+        run.write_config(cfg)
+        return {"out": str(run.path), "config": cfg.to_dict()}
+    return train(cfg, run, quiet=quiet, stop_after=stop_after)
 
 
-def _oneshot(cfg: RunConfig, src: Source, model, out: Path) -> dict[str, Any]:
+def _oneshot(cfg: RunConfig, src: Source, model: torch.nn.Module, run: RunDir) -> dict[str, Any]:
     """Prune ``model`` (holding the source weights) to N:M by magnitude and write it as a finished run."""
-    from .checkpoint import CheckpointDir
-    from .sparse import count_flops, one_shot_nm, sparsify
-    from .sparse.io import engine_state_to_tensors
-    from .sparse.nm import parse_nm
-    from .tasks import make_task
-    from .train import _engine_kwargs, model_tensors
-
     s = cfg.sparse
     pattern = parse_nm(s.nm)
     masks = one_shot_nm(
@@ -447,8 +437,8 @@ def _oneshot(cfg: RunConfig, src: Source, model, out: Path) -> dict[str, Any]:
         exclude=s.exclude or None,
         incompatible=s.nm_incompatible,
     )
-    task = make_task(cfg, out)
-    engine = sparsify(model, None, **_engine_kwargs(cfg, 1))  # the masks of the pruned weights
+    task = make_task(cfg, run.path)
+    engine = sparsify(model, None, s, **_as_engine(cfg))  # the masks of the pruned weights
     try:
         problems = engine.check_invariants()
         if problems:  # cannot happen unless one_shot_nm and the engine disagree
@@ -459,126 +449,44 @@ def _oneshot(cfg: RunConfig, src: Source, model, out: Path) -> dict[str, Any]:
     finally:
         engine.remove()
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    weights = model_tensors(model)
+    run.write_config(cfg)
     ema = {n: p.detach() for n, p in model.named_parameters()}
-    ckpt = CheckpointDir(out / "checkpoints").save(
+    ckpt = run.checkpoints.save(
         0,
         {
-            "model.safetensors": (weights, None),
-            "ema.safetensors": (ema, {"optimization_step": "0", "decay": str(cfg.train.ema_decay)}),
-            "engine.safetensors": engine_files,
+            MODEL_FILE: (model_tensors(model), None),
+            EMA_FILE: (ema, {"optimization_step": "0", "decay": str(cfg.train.ema_decay)}),
+            ENGINE_FILE: engine_files,
         },
         {"total_steps": 0, "train_seconds": 0.0, "oneshot": True},
     )
-    summary = {
-        "preset": cfg.name,
-        "family": cfg.family,
-        "method": "oneshot",
-        "pattern": str(pattern),
-        "sparsity": 1.0 - report.target_density,
-        "steps": 0,
-        "total_steps": 0,
-        "finished": True,
-        "world_size": 1,
-        "batch_size": cfg.train.batch_size,
-        "train_seconds": 0.0,
-        "params_total": report.params_total,
-        "params_nonzero": report.params_nonzero,
-        "density": report.density,
-        "target_density": report.target_density,
-        "masked_layers": len(masks),
-        "dense_layers": dict(report.dense_layers),
-        "topology_updates": 0,
-        "flops_forward_dense": flops.flops_dense,
-        "flops_forward_sparse": flops.flops_sparse,
-        "flops_train_per_step": 0.0,
-        "flops_train_total": 0.0,
-        "flops_train_total_dense": 0.0,
-        "checkpoint": str(ckpt),
-        "init_from": {"path": None, **src.info},
-        "distill_weight": 0.0,
-        "task": task.describe(),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``sparsediff finetune`` to the command line's sub-commands."""
-    p = sub.add_parser(
-        "finetune",
-        help="make a pretrained denoiser N:M-sparse: SR-STE fine-tuning with distillation, or one-shot",
-        description=(
-            "Make a pretrained denoiser N:M-sparse into a new run directory. srste: SR-STE fine-tuning "
-            "with distillation from the frozen dense source (SparseDM); oneshot: magnitude N:M pruning, "
-            "no training."
-        ),
+    summary = RunSummary(
+        preset=cfg.name,
+        family=cfg.family,
+        method=s.method,
+        pattern=str(pattern),
+        sparsity=1.0 - report.target_density,
+        steps=0,
+        total_steps=0,
+        finished=True,
+        world_size=1,
+        batch_size=cfg.train.batch_size,
+        train_seconds=0.0,
+        params_total=report.params_total,
+        params_nonzero=report.params_nonzero,
+        density=report.density,
+        target_density=report.target_density,
+        masked_layers=len(masks),
+        dense_layers=dict(report.dense_layers),
+        topology_updates=0,
+        flops_forward_dense=flops.flops_dense,
+        flops_forward_sparse=flops.flops_sparse,
+        flops_train_per_step=0.0,
+        flops_train_total=0.0,
+        flops_train_total_dense=0.0,
+        checkpoint=str(ckpt),
+        init_from={"path": None, **src.info},
+        distill_weight=0.0,
+        task=task.describe(),
     )
-    p.add_argument(
-        "--from",
-        dest="source",
-        required=True,
-        metavar="RUN_OR_DIR",
-        help="a sparsediff run directory, or a diffusers UNet2DModel directory (with --preset)",
-    )
-    p.add_argument("--method", choices=FINETUNE_METHODS, default="srste")
-    p.add_argument("--nm", help="N:M pattern, e.g. 2:4 (default 2:4, or the progressive schedule's last)")
-    p.add_argument(
-        "--progressive",
-        metavar="PATTERNS",
-        help="srste: patterns at equal intervals of training, e.g. 7:8,6:8,5:8,4:8,2:4 (or 7:8@0,2:4@500)",
-    )
-    p.add_argument("--distill-weight", type=float, help="weight of the teacher term (default 0.1)")
-    p.add_argument("--steps", type=int, help="fine-tuning steps (default: the source config's length)")
-    p.add_argument("--preset", help="preset name or YAML path, for a diffusers source only")
-    p.add_argument("--first-stage", help="first-stage directory (sets first_stage.path)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a config field")
-    p.add_argument("--no-ema", action="store_true", help="start from a run's raw weights, not its EMA")
-    p.add_argument(
-        "--prepare-only",
-        action="store_true",
-        help="srste: write the run directory without training; then `sparsediff train --resume --out DIR` "
-        "(for several GPUs: under accelerate launch or torchrun)",
-    )
-    p.add_argument("--out", required=True, help="the new run directory")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_finetune)
-    return p
-
-
-def cmd_finetune(args: argparse.Namespace) -> int:
-    overrides = parse_overrides(args.set)
-    if args.first_stage:
-        deep_update(overrides, {"first_stage": {"path": args.first_stage}})
-    summary = finetune(
-        args.source,
-        args.out,
-        method=args.method,
-        nm=args.nm,
-        progressive=args.progressive,
-        distill_weight=args.distill_weight,
-        steps=args.steps,
-        preset=args.preset,
-        overrides=overrides,
-        use_ema=not args.no_ema,
-        quiet=args.quiet,
-        prepare_only=args.prepare_only,
-    )
-    if args.prepare_only:
-        if not args.quiet:
-            print(f"run prepared in {args.out}; train it with `sparsediff train --resume --out {args.out}`")
-        return 0
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    elif not args.quiet:
-        print(
-            f"run written to {args.out}: {summary['method']} {summary.get('pattern') or ''}".rstrip()
-            + f", {summary['steps']} steps, density {summary['density']:.3f}"
-        )
-    return 0
+    return run.write_summary(summary)

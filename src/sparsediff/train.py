@@ -1,9 +1,10 @@
 """One training loop for every model family and sparse method.
 
-Reads top to bottom: set up (accelerate, task, model, data, optimiser, sparse engine, EMA), maybe
-resume, then for each optimiser step: gather the batch, forward/backward over the accumulation
-micro-batches, stop on a non-finite loss, mask and clip gradients, step, let the engine update the
-topology, update the EMA, log, checkpoint.
+Reads top to bottom: :func:`train` starts the run (checks, task, model, data, optimiser, sparse engine,
+EMA; only then is the run directory written), maybe resumes it, then runs :func:`train_step` for each
+optimiser step (gather the batch, forward/backward over the accumulation micro-batches, stop on a
+non-finite loss, mask and clip gradients, step, let the engine update the topology, update the EMA),
+logs, checkpoints, and writes the run's summary.
 
 Reproducibility and exact resumption come from one rule: every random draw of step ``s`` (batch
 indices, timesteps, noise) is made from generators seeded by ``(seed, s, micro-batch, rank)``. A run
@@ -13,39 +14,48 @@ straight steps bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .checkpoint import (
-    CheckpointDir,
+    EMA_FILE,
+    ENGINE_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    ema_tensors,
+    load_ema,
+    load_model_weights,
+    load_state_checked,
     load_tensors,
+    model_tensors,
     optimizer_from_tensors,
     optimizer_to_tensors,
     read_trainer_state,
 )
-from .config import RunConfig, config_from_dict, flatten
-from .errors import ConfigError, StateError, TrainingError
-from .sparse import count_flops, sparsify, training_flops_per_step, training_flops_total
-from .sparse.engine import derive_seed
+from .config import RunConfig
+from .errors import ConfigError, TrainingError
+from .progress import progress_bar
+from .run import RunDir, RunSummary, load_init_weights
+from .sparse import Engine, count_flops, derive_seed, sparsify, training_flops_per_step, training_flops_total
 from .sparse.io import engine_state_from_tensors, engine_state_to_tensors
-from .tasks import make_task
-
-# Fields a resumed run may change; anything else must match the run directory's config.
-RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.ckpt_every", "train.log_every", "description"}
-
+from .tasks import Task, TrainData, make_task
 
 # ---------------------------------------------------------------------------- helpers
 
 
 def total_steps(cfg: RunConfig, num_examples: int) -> int:
+    """Optimiser steps of a run: ``train.max_steps``, else ``train.epochs`` over ``num_examples``."""
     t = cfg.train
     if t.max_steps is not None:
         return int(t.max_steps)
@@ -80,156 +90,276 @@ class EpochSampler:
         return torch.tensor(out, dtype=torch.long)
 
 
-def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
-    fa, fb = flatten(a.to_dict()), flatten(b.to_dict())
-    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+# ---------------------------------------------------------------------------- setup
 
 
-def load_run_config(run_dir: Path) -> RunConfig:
-    import yaml
+@dataclass
+class Trainer:
+    """Everything one training process works with, built by :func:`start_run`."""
 
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise StateError(f"{run_dir} is not a sparsediff run directory (no config.yaml)")
-    return config_from_dict(yaml.safe_load(path.read_text()), source=str(path))
+    cfg: RunConfig
+    run: RunDir
+    accelerator: Any  # accelerate.Accelerator
+    task: Task
+    model: torch.nn.Module  # as prepared by accelerate (maybe wrapped for data parallelism)
+    raw_model: torch.nn.Module  # the denoiser itself
+    teacher: torch.nn.Module | None  # frozen dense copy of the initial weights (distillation)
+    init_info: dict[str, Any] | None
+    data: TrainData
+    steps: int  # optimiser steps of the whole run
+    micro: int  # examples per process and micro-batch
+    optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: Engine
+    ema: Any  # diffusers EMAModel
 
-
-def _engine_kwargs(cfg: RunConfig, steps: int) -> dict[str, Any]:
-    s = cfg.sparse
-    kw: dict[str, Any] = dict(method=s.method, include=s.include or None, exclude=s.exclude or None)
-    if s.method == "srste":
-        kw.update(
-            nm=None if s.progressive else s.nm,  # a progressive schedule names its own patterns
-            srste_lambda=s.srste_lambda,
-            progressive=s.progressive or None,
-            nm_incompatible=s.nm_incompatible,
-        )
-        return kw
-    kw.update(
-        sparsity=s.sparsity,
-        distribution=s.distribution,
-        prune_ratio=s.prune_ratio,
-        decay=s.decay,
-        update_every=s.update_every,
-        seed=s.seed,
-    )
-    if s.method in ("rigl", "magran"):
-        kw.update(end_step=s.end_step, total_steps=steps, end_fraction=s.end_fraction)
-    return kw
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
 
 
-# ---------------------------------------------------------------------------- state I/O
+def start_run(
+    cfg: RunConfig,
+    run: RunDir,
+    accelerator: Any,
+    resume: bool,
+    quiet: bool,
+    init_weights: str | Path | Mapping[str, torch.Tensor] | None = None,
+) -> Trainer:
+    """Check and build everything, then write the run's config.
 
-
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
-
-
-def ema_tensors(ema, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    names = [n for n, _ in model.named_parameters()]
-    tensors = dict(zip(names, ema.shadow_params))
-    meta = {"optimization_step": str(ema.optimization_step), "decay": str(ema.decay)}
-    return tensors, meta
-
-
-def load_ema(ema, model: torch.nn.Module, path: Path) -> None:
-    tensors, meta = load_tensors(path)
-    names = [n for n, _ in model.named_parameters()]
-    missing = [n for n in names if n not in tensors]
-    if missing:
-        raise StateError(f"{path}: EMA weights miss parameter(s) {', '.join(missing[:3])}")
-    for shadow, n in zip(ema.shadow_params, names):
-        shadow.copy_(tensors[n])
-    ema.optimization_step = int(meta.get("optimization_step", 0))
-
-
-def load_model_weights(model: torch.nn.Module, path: Path) -> None:
-    tensors, _ = load_tensors(path)
-    load_state_checked(model, tensors, path)
-
-
-def load_state_checked(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], path: Any) -> None:
-    """``model.load_state_dict(tensors, strict=True)`` with an error naming ``path`` and the first
-    missing, unexpected or mis-shaped entries."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in tensors]
-    unexpected = [k for k in tensors if k not in own]
-    wrong = [k for k in own if k in tensors and tuple(own[k].shape) != tuple(tensors[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}")
-        if wrong:
-            k = wrong[0]
-            parts.append(
-                f"{k} has shape {tuple(tensors[k].shape)} in the file, {tuple(own[k].shape)} in the model"
-            )
-        raise StateError(f"{path} does not fit this model: " + "; ".join(parts))
-    model.load_state_dict(dict(tensors), strict=True)
-
-
-def load_init_weights(
-    init: str | Path | Mapping[str, torch.Tensor] | None, run_dir: Path
-) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
-    """The weights a run starts from (``train.init_from`` or ``train(init_weights=...)``) and what they are.
-
-    A relative path is looked up in the run directory first (``sparsediff finetune`` copies the source
-    weights to ``RUN/init.safetensors``, so a run directory stays self-contained and resumable), then in
-    the working directory. The file's metadata key ``sparsediff_init`` (JSON) describes the source.
+    Nothing is written to the run directory until the configuration, the task, the first stage, the
+    training data and the sparse engine are all in place: a start that fails leaves no directory behind
+    (when there was none before), so the corrected command can run. The main process creates the
+    directory; the others wait for it.
     """
-    if init is None:
-        return None, None
-    if isinstance(init, Mapping):
-        return dict(init), {"path": None}
-    path = Path(init)
-    if not path.is_absolute() and (run_dir / path).exists():
-        path = run_dir / path
-    if not path.exists():
+    if accelerator.is_main_process:
+        run.check_start(cfg, resume)
+    created = not run.path.exists()
+    try:
+        trainer = _build(cfg, run, accelerator, quiet, init_weights)
+    except BaseException:
+        if accelerator.is_main_process and created:
+            shutil.rmtree(run.path, ignore_errors=True)  # e.g. a latent cache written into it
+        raise
+    if accelerator.is_main_process:
+        run.write_config(cfg)
+        run.checkpoints.clean_temporary()
+    accelerator.wait_for_everyone()
+    return trainer
+
+
+def _build(
+    cfg: RunConfig,
+    run: RunDir,
+    accelerator: Any,
+    quiet: bool,
+    init_weights: str | Path | Mapping[str, torch.Tensor] | None,
+) -> Trainer:
+    from diffusers.training_utils import EMAModel
+
+    t_cfg = cfg.train
+    world = accelerator.num_processes
+    if t_cfg.batch_size % (world * t_cfg.grad_accum):
         raise ConfigError(
-            f"train.init_from: {init!s} does not exist (looked in {run_dir} and the working directory)"
+            f"train.batch_size={t_cfg.batch_size} must be divisible by processes x grad_accum "
+            f"= {world} x {t_cfg.grad_accum}"
         )
-    tensors, meta = load_tensors(path)
-    info = {"path": str(path)}
-    if "sparsediff_init" in meta:
-        info.update(json.loads(meta["sparsediff_init"]))
-    return tensors, info
+    device = accelerator.device
+    task = make_task(cfg, run.path)
+    torch.manual_seed(t_cfg.seed)  # the same initial weights on every rank
+    model = task.build_model().to(device)
+    init = init_weights if init_weights is not None else t_cfg.init_from
+    init_state, init_info = load_init_weights(init, run.path)
+    teacher = None
+    if init_state is not None:
+        load_state_checked(model, init_state, init_info.get("path") or "init_weights")
+        if t_cfg.distill_weight > 0:
+            # copied before the engine adds its hooks: the teacher stays dense (see sparse/nm.py)
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    data = task.train_data(
+        device, is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone, progress=not quiet
+    )
+    steps = total_steps(cfg, len(data))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=t_cfg.lr, betas=tuple(t_cfg.betas), weight_decay=t_cfg.weight_decay
+    )
+    warmup = max(0, t_cfg.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+    )
+    engine = sparsify(model, optimizer, cfg.sparse, total_steps=steps)
+    ema = EMAModel(model.parameters(), decay=t_cfg.ema_decay, foreach=True)
+    ema.to(device)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    return Trainer(
+        cfg=cfg,
+        run=run,
+        accelerator=accelerator,
+        task=task,
+        model=prepared,
+        raw_model=accelerator.unwrap_model(prepared),
+        teacher=teacher,
+        init_info=init_info,
+        data=data,
+        steps=steps,
+        micro=t_cfg.batch_size // (world * t_cfg.grad_accum),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        engine=engine,
+        ema=ema,
+    )
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def resume_from_checkpoint(tr: Trainer, quiet: bool) -> tuple[int, float]:
+    """Load the run's latest checkpoint into ``tr``; ``(step, training seconds so far)``."""
+    ckpt = tr.run.checkpoints.latest()
+    if ckpt is None:
+        if not quiet and tr.is_main:
+            print(f"no checkpoint in {tr.run.path}; starting from step 0")
+        return 0, 0.0
+    state = read_trainer_state(ckpt)
+    load_model_weights(tr.raw_model, ckpt / MODEL_FILE)
+    opt_tensors, opt_meta = load_tensors(ckpt / OPTIMIZER_FILE)
+    tr.optimizer.optimizer.load_state_dict(optimizer_from_tensors(opt_tensors, opt_meta))
+    eng_tensors, eng_meta = load_tensors(ckpt / ENGINE_FILE)
+    tr.engine.load_state_dict(engine_state_from_tensors(eng_tensors, eng_meta))
+    load_ema(tr.ema, tr.raw_model, ckpt / EMA_FILE)
+    tr.scheduler.load_state_dict(state["scheduler"])
+    start = int(state["step"])
+    if not quiet and tr.is_main:
+        print(f"resumed {tr.run.path} from {ckpt.name} (step {start} of {tr.steps})")
+    return start, float(state.get("train_seconds", 0.0))
+
+
+def save_checkpoint(tr: Trainer, step: int, train_seconds: float) -> Path | None:
+    """Write checkpoint ``step`` (main process; every process waits for it); its path on the main one."""
+    tr.accelerator.wait_for_everyone()
+    if not tr.is_main:
+        return None
+    files = {
+        MODEL_FILE: (model_tensors(tr.raw_model), None),
+        EMA_FILE: ema_tensors(tr.ema, tr.raw_model),
+        OPTIMIZER_FILE: optimizer_to_tensors(tr.optimizer.optimizer.state_dict()),
+        ENGINE_FILE: engine_state_to_tensors(tr.engine.state_dict()),
+    }
+    trainer_state = {
+        "scheduler": tr.scheduler.state_dict(),
+        "total_steps": tr.steps,
+        "train_seconds": train_seconds,
+    }
+    return tr.run.checkpoints.save(step, files, trainer_state)
+
+
+# ---------------------------------------------------------------------------- one step
+
+
+def train_step(tr: Trainer, sampler: EpochSampler, step: int, last_ckpt: Path | None) -> tuple[float, float]:
+    """Optimiser step ``step`` (counted from 1); ``(mean loss, seconds)``."""
+    t_cfg, acc = tr.cfg.train, tr.accelerator
+    world, rank = acc.num_processes, acc.process_index
+    t0 = time.perf_counter()
+    first = (step - 1) * t_cfg.batch_size
+    loss_sum = torch.zeros((), device=acc.device)
+    for m in range(t_cfg.grad_accum):
+        offset = first + (m * world + rank) * tr.micro
+        batch = tr.data.batch(sampler.indices(offset, tr.micro), acc.device)
+        gen = torch.Generator().manual_seed(derive_seed(t_cfg.seed, "step", step, m, rank))
+        # gradients are all-reduced across processes on the last micro-batch only
+        sync = contextlib.nullcontext() if m == t_cfg.grad_accum - 1 else acc.no_sync(tr.model)
+        with sync, acc.autocast():
+            if tr.teacher is None:
+                loss = tr.task.loss(tr.model, batch, gen)
+            else:
+                w = t_cfg.distill_weight
+                loss = tr.task.loss(tr.model, batch, gen, teacher=tr.teacher, distill_weight=w)
+            loss = loss / t_cfg.grad_accum
+        acc.backward(loss)
+        loss_sum += loss.detach()
+    # Stop before a non-finite loss reaches the weights (all ranks agree on the verdict).
+    bad = (~torch.isfinite(loss_sum)).float()
+    if acc.reduce(bad, reduction="sum").item() > 0:
+        where = (
+            f"The last good checkpoint is {last_ckpt} (resume with --resume after lowering train.lr)."
+            if last_ckpt
+            else "No checkpoint was written yet."
+        )
+        raise TrainingError(f"the loss became {loss_sum.item()} at step {step}; training stopped. {where}")
+    tr.engine.mask_gradients()  # clip the norm of the sparse gradient, not of the dense one
+    if t_cfg.grad_clip:
+        acc.clip_grad_norm_(tr.model.parameters(), t_cfg.grad_clip)
+    tr.optimizer.step()
+    tr.scheduler.step()
+    tr.engine.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.ema.step(tr.raw_model.parameters())
+    dt = time.perf_counter() - t0
+    return loss_sum.item(), dt
+
+
+# ---------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """The run's metrics records (``RunDir.METRICS``), averaged over ``train.log_every`` steps, and the
+    progress bar."""
+
+    def __init__(self, tr: Trainer, start: int, quiet: bool):
+        self.tr = tr
+        self.file = open(tr.run.metrics_path, "a") if tr.is_main else None  # noqa: SIM115
+        desc = f"train {tr.cfg.name} {tr.cfg.sparse.method}"
+        self.bar = progress_bar(total=tr.steps, initial=start, desc=desc, quiet=quiet or not tr.is_main)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss, self.n, self.new, self.time = 0.0, 0, 0, 0.0
+
+    def add(self, step: int, end: int, loss: float, seconds: float) -> None:
+        """Account for step ``step``; write a record every ``log_every`` steps and at ``end``."""
+        tr = self.tr
+        self.loss += loss
+        self.n += 1
+        self.time += seconds
+        self.new += tr.engine.new_connections()
+        if self.file is not None and (step % tr.cfg.train.log_every == 0 or step == end):
+            record = {
+                "step": step,
+                "loss": self.loss / self.n,
+                "lr": tr.scheduler.get_last_lr()[0],
+                "density": tr.engine.report().target_density,
+                "topology_updates": tr.engine.num_updates,
+                "topology_changes": self.new,
+                **({"pattern": str(tr.engine.pattern)} if tr.engine.pattern is not None else {}),
+                "step_time": self.time / self.n,
+                "samples_per_s": tr.cfg.train.batch_size * self.n / max(self.time, 1e-9),
+            }
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", density=f"{record['density']:.3f}")
+            self._reset()
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
 
 
 # ---------------------------------------------------------------------------- the loop
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
-    """Create the run directory, or check that resuming it with ``cfg`` is possible."""
-    cfg_path = run_dir / "config.yaml"
-    if cfg_path.exists():
-        if not resume:
-            raise ConfigError(
-                f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
-            )
-        saved = load_run_config(run_dir)
-        diffs = [d for d in config_differences(saved, cfg) if d not in RESUMABLE_CHANGES]
-        if diffs:
-            raise ConfigError(
-                f"{run_dir} was trained with another configuration; it differs in "
-                + ", ".join(
-                    f"{d} ({flatten(saved.to_dict()).get(d)!r} there, {flatten(cfg.to_dict()).get(d)!r} now)"
-                    for d in diffs[:4]
-                )
-            )
-    return cfg
-
-
 def train(
     cfg: RunConfig,
-    run_dir: str | Path,
+    run_dir: str | Path | RunDir,
     resume: bool = False,
     quiet: bool = False,
     stop_after: int | None = None,
     init_weights: str | Path | Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg`` into ``run_dir``; returns the summary (also written to ``summary.json``).
+    """Train ``cfg`` into ``run_dir``; returns the summary (also written to the run's summary file).
 
     Args:
         resume: continue from the run directory's latest checkpoint.
@@ -241,241 +371,92 @@ def train(
             and the teacher again from these weights.
     """
     from accelerate import Accelerator
-    from diffusers.training_utils import EMAModel
 
-    run_dir = Path(run_dir)
-    t_cfg = cfg.train
-    accelerator = Accelerator(mixed_precision=t_cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    is_main = accelerator.is_main_process
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        prepare_run_dir(cfg, run_dir, resume)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    accelerator.wait_for_everyone()
-    ckpts = CheckpointDir(run_dir / "checkpoints")
-    if is_main:
-        ckpts.clean_temporary()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if t_cfg.batch_size % (world * t_cfg.grad_accum):
-        raise ConfigError(
-            f"train.batch_size={t_cfg.batch_size} must be divisible by processes x grad_accum "
-            f"= {world} x {t_cfg.grad_accum}"
-        )
-    micro = t_cfg.batch_size // (world * t_cfg.grad_accum)
-    device = accelerator.device
+    run = RunDir(run_dir)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    tr = start_run(cfg, run, accelerator, resume, quiet, init_weights)
+    start, seconds_before = resume_from_checkpoint(tr, quiet) if resume else (0, 0.0)
+    flops = count_flops(tr.raw_model, tr.task.example_inputs(tr.raw_model), tr.engine)
 
-    # -------------------------------------------------------------- model, data, optimiser, engine
-    task = make_task(cfg, run_dir)
-    torch.manual_seed(t_cfg.seed)  # the same initial weights on every rank
-    model = task.build_model().to(device)
-    init_state, init_info = load_init_weights(
-        init_weights if init_weights is not None else t_cfg.init_from, run_dir
-    )
-    teacher = None
-    if init_state is not None:
-        load_state_checked(model, init_state, init_info.get("path") or "init_weights")
-        if t_cfg.distill_weight > 0:
-            # copied before the engine adds its hooks: the teacher stays dense (see sparse/nm.py)
-            teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    data = task.train_data(device, is_main=is_main, barrier=accelerator.wait_for_everyone, progress=not quiet)
-    steps = total_steps(cfg, len(data))
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=t_cfg.lr, betas=tuple(t_cfg.betas), weight_decay=t_cfg.weight_decay
-    )
-    warmup = max(0, t_cfg.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-    )
-    engine = sparsify(model, optimizer, **_engine_kwargs(cfg, steps))
-    ema = EMAModel(model.parameters(), decay=t_cfg.ema_decay, foreach=True)
-    ema.to(device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-
-    # -------------------------------------------------------------- resume
-    start, seconds_before = 0, 0.0
-    if resume:
-        ckpt = ckpts.latest()
-        if ckpt is not None:
-            state = read_trainer_state(ckpt)
-            load_model_weights(raw_model, ckpt / "model.safetensors")
-            opt_tensors, opt_meta = load_tensors(ckpt / "optimizer.safetensors")
-            optimizer.optimizer.load_state_dict(optimizer_from_tensors(opt_tensors, opt_meta))
-            eng_tensors, eng_meta = load_tensors(ckpt / "engine.safetensors")
-            engine.load_state_dict(engine_state_from_tensors(eng_tensors, eng_meta))
-            load_ema(ema, raw_model, ckpt / "ema.safetensors")
-            scheduler.load_state_dict(state["scheduler"])
-            start = int(state["step"])
-            seconds_before = float(state.get("train_seconds", 0.0))
-            if not quiet and is_main:
-                print(f"resumed {run_dir} from {ckpt.name} (step {start} of {steps})")
-        elif not quiet and is_main:
-            print(f"no checkpoint in {run_dir}; starting from step 0")
-
-    # -------------------------------------------------------------- FLOPs of this model
-    flops = count_flops(raw_model, task.example_inputs(raw_model), engine)
-    per_step = training_flops_per_step(
-        cfg.sparse.method if cfg.sparse.method != "srste" else "dense",
-        flops.flops_dense * t_cfg.batch_size,
-        flops.flops_sparse * t_cfg.batch_size,
-        cfg.sparse.update_every,
-    )
-    teacher_flops = flops.flops_dense * t_cfg.batch_size if teacher is not None else 0  # its forward
-
-    def save_checkpoint(step: int) -> Path | None:
-        accelerator.wait_for_everyone()
-        if not is_main:
-            return None
-        files = {
-            "model.safetensors": (model_tensors(raw_model), None),
-            "ema.safetensors": ema_tensors(ema, raw_model),
-            "optimizer.safetensors": optimizer_to_tensors(optimizer.optimizer.state_dict()),
-            "engine.safetensors": engine_state_to_tensors(engine.state_dict()),
-        }
-        trainer_state = {
-            "scheduler": scheduler.state_dict(),
-            "total_steps": steps,
-            "train_seconds": seconds_before + train_seconds,
-        }
-        return ckpts.save(step, files, trainer_state)
-
-    # -------------------------------------------------------------- the loop
-    sampler = EpochSampler(len(data), t_cfg.seed)
-    metrics_path = run_dir / "metrics.jsonl"
-    log = open(metrics_path, "a") if is_main else None  # noqa: SIM115
-    progress = None
-    if is_main and not quiet:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(
-            total=steps, initial=start, desc=f"train {cfg.name} {cfg.sparse.method}", dynamic_ncols=True
-        )
-    window = {"loss": 0.0, "n": 0, "new": 0, "time": 0.0}
+    sampler = EpochSampler(len(tr.data), cfg.train.seed)
+    log = MetricsLog(tr, start, quiet)
     train_seconds = 0.0
-    last_ckpt = ckpts.latest()
+    last_ckpt = run.checkpoints.latest()
     step = start
-    end = steps if stop_after is None else min(steps, start + stop_after)
+    end = tr.steps if stop_after is None else min(tr.steps, start + stop_after)
     try:
-        model.train()
+        tr.model.train()
         while step < end:
             step += 1
-            t0 = time.perf_counter()
-            first = (step - 1) * t_cfg.batch_size
-            loss_sum = torch.zeros((), device=device)
-            for m in range(t_cfg.grad_accum):
-                offset = first + (m * world + rank) * micro
-                batch = data.batch(sampler.indices(offset, micro), device)
-                gen = torch.Generator().manual_seed(derive_seed(t_cfg.seed, "step", step, m, rank))
-                sync = m == t_cfg.grad_accum - 1
-                ctx = accelerator.no_sync(model) if not sync else _null()
-                with ctx, accelerator.autocast():
-                    if teacher is None:
-                        loss = task.loss(model, batch, gen)
-                    else:
-                        w = t_cfg.distill_weight
-                        loss = task.loss(model, batch, gen, teacher=teacher, distill_weight=w)
-                    loss = loss / t_cfg.grad_accum
-                accelerator.backward(loss)
-                loss_sum += loss.detach()
-            # Stop before a non-finite loss reaches the weights (all ranks agree on the verdict).
-            bad = (~torch.isfinite(loss_sum)).float()
-            if accelerator.reduce(bad, reduction="sum").item() > 0:
-                raise TrainingError(
-                    f"the loss became {loss_sum.item()} at step {step}; training stopped. "
-                    + (
-                        f"The last good checkpoint is {last_ckpt} (resume with --resume after lowering "
-                        "train.lr)."
-                        if last_ckpt
-                        else "No checkpoint was written yet."
-                    )
-                )
-            engine.mask_gradients()  # clip the norm of the sparse gradient, not of the dense one
-            if t_cfg.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            engine.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.step(raw_model.parameters())
-            dt = time.perf_counter() - t0
-            train_seconds += dt
-
-            window["loss"] += loss_sum.item()
-            window["n"] += 1
-            window["time"] += dt
-            window["new"] += _new_connections(engine)
-            if is_main and (step % t_cfg.log_every == 0 or step == end):
-                report = engine.report()
-                record = {
-                    "step": step,
-                    "loss": window["loss"] / window["n"],
-                    "lr": scheduler.get_last_lr()[0],
-                    "density": report.target_density,
-                    "topology_updates": getattr(engine, "num_updates", 0),
-                    "topology_changes": window["new"],
-                    **({"pattern": str(engine.pattern)} if hasattr(engine, "pattern") else {}),
-                    "step_time": window["time"] / window["n"],
-                    "samples_per_s": t_cfg.batch_size * window["n"] / max(window["time"], 1e-9),
-                }
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                if progress is not None:
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", density=f"{record['density']:.3f}")
-                window = {"loss": 0.0, "n": 0, "new": 0, "time": 0.0}
-            if progress is not None:
-                progress.update(1)
-            if step % t_cfg.ckpt_every == 0 and step < end:
-                last_ckpt = save_checkpoint(step) or last_ckpt
-        last_ckpt = save_checkpoint(step) or last_ckpt
+            loss, seconds = train_step(tr, sampler, step, last_ckpt)
+            train_seconds += seconds
+            log.add(step, end, loss, seconds)
+            if step % cfg.train.ckpt_every == 0 and step < end:
+                last_ckpt = save_checkpoint(tr, step, seconds_before + train_seconds) or last_ckpt
+        last_ckpt = save_checkpoint(tr, step, seconds_before + train_seconds) or last_ckpt
     finally:
-        if progress is not None:
-            progress.close()
-        if log is not None:
-            log.close()
+        log.close()
 
-    consistency = _rank_consistency(accelerator, engine, raw_model)
-    summary = None
-    if is_main:
-        report = engine.report()
-        summary = {
-            "preset": cfg.name,
-            "family": cfg.family,
-            "method": cfg.sparse.method,
-            "sparsity": 1.0 - report.target_density,
-            "steps": step,
-            "total_steps": steps,
-            "finished": step >= steps,
-            "world_size": world,
-            **consistency,
-            "batch_size": t_cfg.batch_size,
-            "train_seconds": seconds_before + train_seconds,
-            "params_total": report.params_total,
-            "params_nonzero": report.params_nonzero,
-            "density": report.density,
-            "target_density": report.target_density,
-            "topology_updates": getattr(engine, "num_updates", 0),
-            "flops_forward_dense": flops.flops_dense,
-            "flops_forward_sparse": flops.flops_sparse,
-            "flops_train_per_step": per_step + teacher_flops,
-            "flops_train_total": training_flops_total(
-                cfg.sparse.method if cfg.sparse.method != "srste" else "dense",
-                flops.flops_dense * t_cfg.batch_size,
-                flops.flops_sparse * t_cfg.batch_size,
-                steps,
-                cfg.sparse.update_every,
-                getattr(getattr(engine, "config", None), "end_step", None),
-            )
-            + teacher_flops * steps,
-            "flops_train_total_dense": 3.0 * flops.flops_dense * t_cfg.batch_size * steps,
-            "checkpoint": str(last_ckpt) if last_ckpt else None,
-            "init_from": init_info,
-            "distill_weight": t_cfg.distill_weight if teacher is not None else 0.0,
-            "task": task.describe(),
-        }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    consistency = _rank_consistency(accelerator, tr.engine, tr.raw_model)
+    summary: dict[str, Any] = {}
+    if tr.is_main:
+        result = summarize(tr, step, seconds_before + train_seconds, last_ckpt, flops, consistency)
+        summary = run.write_summary(result)
     accelerator.wait_for_everyone()
-    engine.remove()
-    return summary or {}
+    tr.engine.remove()
+    return summary
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def summarize(
+    tr: Trainer,
+    step: int,
+    train_seconds: float,
+    last_ckpt: Path | None,
+    flops: Any,
+    consistency: dict[str, bool],
+) -> RunSummary:
+    """The run's :class:`RunSummary` after ``step`` steps (``flops``: the model's forward FLOP report)."""
+    cfg, t_cfg = tr.cfg, tr.cfg.train
+    # FLOPs of one optimiser step's batch; N:M fine-tuning trains dense weights, so it pays dense FLOPs
+    cost_method = "dense" if cfg.sparse.structured else cfg.sparse.method
+    dense, sparse = flops.flops_dense * t_cfg.batch_size, flops.flops_sparse * t_cfg.batch_size
+    teacher = dense if tr.teacher is not None else 0  # the teacher's forward
+    per_step = training_flops_per_step(cost_method, dense, sparse, cfg.sparse.update_every)
+    total = training_flops_total(
+        cost_method, dense, sparse, tr.steps, cfg.sparse.update_every, tr.engine.end_step
+    )
+    report = tr.engine.report()
+    return RunSummary(
+        preset=cfg.name,
+        family=cfg.family,
+        method=cfg.sparse.method,
+        sparsity=1.0 - report.target_density,
+        steps=step,
+        total_steps=tr.steps,
+        finished=step >= tr.steps,
+        world_size=tr.accelerator.num_processes,
+        masks_identical_across_ranks=consistency["masks_identical_across_ranks"],
+        weights_identical_across_ranks=consistency["weights_identical_across_ranks"],
+        batch_size=t_cfg.batch_size,
+        train_seconds=train_seconds,
+        params_total=report.params_total,
+        params_nonzero=report.params_nonzero,
+        density=report.density,
+        target_density=report.target_density,
+        topology_updates=tr.engine.num_updates,
+        flops_forward_dense=flops.flops_dense,
+        flops_forward_sparse=flops.flops_sparse,
+        flops_train_per_step=per_step + teacher,
+        flops_train_total=total + teacher * tr.steps,
+        flops_train_total_dense=3.0 * dense * tr.steps,
+        checkpoint=str(last_ckpt) if last_ckpt else None,
+        init_from=tr.init_info,
+        distill_weight=t_cfg.distill_weight if tr.teacher is not None else 0.0,
+        task=tr.task.describe(),
+    )
 
 
 def _digest(tensors) -> int:
@@ -485,7 +466,7 @@ def _digest(tensors) -> int:
     return int.from_bytes(h.digest()[:7], "little")  # fits an int64
 
 
-def _rank_consistency(accelerator, engine, model) -> dict[str, bool]:
+def _rank_consistency(accelerator: Any, engine: Engine, model: torch.nn.Module) -> dict[str, bool]:
     """Whether every data-parallel rank ends with the same masks and the same weights."""
     masks = engine.masks
     local = torch.tensor(
@@ -498,19 +479,3 @@ def _rank_consistency(accelerator, engine, model) -> dict[str, bool]:
         "masks_identical_across_ranks": bool((everyone[:, 0] == everyone[0, 0]).all()),
         "weights_identical_across_ranks": bool((everyone[:, 1] == everyone[0, 1]).all()),
     }
-
-
-def _new_connections(engine) -> int:
-    """Weights grown from zero by a topology update made in the step just taken."""
-    last = getattr(engine, "last_update", None)
-    if last is None or last.step != engine.step_count or engine.step_count == 0:
-        return 0
-    return last.new
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from .config import RunConfig
 from .errors import ConfigError
 from .models.autoencoder import META_FILE, FirstStage, small_kl_autoencoder
-from .sparse.engine import derive_seed
+from .progress import progress_bar
+from .sparse import derive_seed
 
 
 def _images_in_memory(cfg: RunConfig, split: str, limit: int | None = None) -> torch.Tensor:
@@ -36,12 +37,14 @@ def _images_in_memory(cfg: RunConfig, split: str, limit: int | None = None) -> t
 
 
 def is_complete(out: Path) -> bool:
+    """Whether ``out`` holds a saved first stage (diffusers config, weights and sparsediff's metadata)."""
     return (out / "config.json").exists() and (out / META_FILE).exists() and any(out.glob("*.safetensors"))
 
 
 def train_autoencoder(
     cfg: RunConfig, out: str | Path, steps: int | None = None, force: bool = False, quiet: bool = False
 ) -> dict[str, Any]:
+    """Train the preset's first stage into ``out`` (reused when complete, unless ``force``); its metadata."""
     out = Path(out)
     if is_complete(out) and not force:
         meta = json.loads((out / META_FILE).read_text())
@@ -63,27 +66,24 @@ def train_autoencoder(
     val_x = _images_in_memory(cfg, "val", limit=2000)
     opt = torch.optim.AdamW(vae.parameters(), lr=spec.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=spec.lr * 0.1)
-    iterator = range(1, steps + 1)
-    if not quiet:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="train autoencoder", dynamic_ncols=True)
     t0 = time.perf_counter()
     vae.train()
-    for step in iterator:
-        g = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "autoencoder", step))
-        idx = torch.randint(0, train_x.shape[0], (spec.batch_size,), generator=g)
-        x = train_x[idx].to(device)
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
-        rec = vae.decode(z).sample
-        loss = F.mse_loss(rec, x) + 0.1 * F.l1_loss(rec, x) + spec.kl_weight * posterior.kl().mean()
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if not quiet and step % 50 == 0:
-            iterator.set_postfix(loss=f"{loss.item():.4f}")
+    with progress_bar(total=steps, desc="train autoencoder", quiet=quiet) as bar:
+        for step in range(1, steps + 1):
+            g = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "autoencoder", step))
+            idx = torch.randint(0, train_x.shape[0], (spec.batch_size,), generator=g)
+            x = train_x[idx].to(device)
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
+            rec = vae.decode(z).sample
+            loss = F.mse_loss(rec, x) + 0.1 * F.l1_loss(rec, x) + spec.kl_weight * posterior.kl().mean()
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if not quiet and step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.update()
     seconds = time.perf_counter() - t0
     vae.eval()
     fs = FirstStage(vae)

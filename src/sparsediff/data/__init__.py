@@ -1,4 +1,11 @@
-"""Datasets: images (Fashion-MNIST, image folders) and pen strokes."""
+"""Datasets: images (Fashion-MNIST, image folders) and pen strokes.
+
+- images: :mod:`.fashion_mnist` (the bundled data), :mod:`.images` (folders, ImageNette, the dataset of a
+  config: :func:`build_image_dataset`);
+- strokes: :mod:`.strokes` (representation, preprocessing, the dataset), the loaders :mod:`.kanjivg`,
+  :mod:`.quickdraw`, :mod:`.vmnist`, the registry of sources :mod:`.stroke_sources` (the dataset of a
+  config: :func:`build_stroke_dataset`) and :mod:`.raster` (drawing strokes as images and SVG).
+"""
 
 from .fashion_mnist import find_fashion_mnist, load_fashion_mnist, user_data_dir
 from .images import (
@@ -13,15 +20,15 @@ from .images import (
 from .kanjivg import kanji_strokes, load_kanjivg, parse_path, read_svg_strokes
 from .quickdraw import load_quickdraw, read_ndjson, read_npz, write_ndjson, write_npz
 from .raster import make_grid, points_to_strokes, rasterize, save_grid, to_svg
+from .stroke_sources import STROKE_DATASETS, STROKE_SOURCES, StrokeSource, build_stroke_dataset
 from .strokes import (
-    STROKE_DATASETS,
     DataReport,
     SkipReason,
     StrokeDataset,
-    build_stroke_dataset,
     collate_strokes,
     from_velocity,
     preprocess,
+    random_affine,
     split_indices,
     to_points,
     to_velocity,
@@ -29,6 +36,7 @@ from .strokes import (
 from .vmnist import hershey_digits, load_vmnist
 
 __all__ = [
+    # images
     "find_fashion_mnist",
     "load_fashion_mnist",
     "user_data_dir",
@@ -39,17 +47,18 @@ __all__ = [
     "fashion_mnist_dataset",
     "reference_images_uint8",
     "scan_images",
-]
-
-__all__ += [
+    # strokes
     "STROKE_DATASETS",
+    "STROKE_SOURCES",
+    "StrokeSource",
+    "build_stroke_dataset",
     "DataReport",
     "SkipReason",
     "StrokeDataset",
-    "build_stroke_dataset",
     "collate_strokes",
     "from_velocity",
     "preprocess",
+    "random_affine",
     "split_indices",
     "to_points",
     "to_velocity",

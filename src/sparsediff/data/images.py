@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..config import DataSpec
 from ..errors import ConfigError, DataError
+from ..progress import progress_bar, track
 from .fashion_mnist import load_fashion_mnist
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -240,7 +240,7 @@ def _take_readable(
         return good, bad, 0
     # the bar counts files checked when all are checked, readable files found when stopping at k
     total = len(candidates) if k is None else min(len(candidates), k)
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+    with progress_bar(total, desc=desc, unit="img", quiet=not progress, leave=False) as bar:
         for n_checked, path in enumerate(candidates, 1):
             reason = _check_image(path)
             if reason is None:
@@ -265,7 +265,7 @@ def scan_images(
         recursive: also search sub-folders.
         verify: open and decode each file with PIL; corrupt, truncated or mislabelled files go to
             ``skipped`` with the reason instead of failing a training run later.
-        progress: show a tqdm progress bar while verifying.
+        progress: report progress while verifying (a bar on a terminal, throttled lines in a log).
 
     Raises:
         DataError: ``root`` is missing, is not a folder, or holds no image files (or none readable).
@@ -519,6 +519,6 @@ def reference_images_uint8(spec: DataSpec, split: str = "val", n: int | None = N
         return ds.images[:n].clone()  # (n, C, H, W)
     assert isinstance(ds, ImageFolderDataset)
     out = torch.empty(n, ds.channels, ds.image_size, ds.image_size, dtype=torch.uint8)
-    for i in tqdm(range(n), desc=f"loading {split} reference images", unit="img", leave=False):
+    for i in track(range(n), desc=f"loading {split} reference images", unit="img"):
         out[i] = ds.load_uint8(i)
     return out

@@ -24,9 +24,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..progress import track
 from .strokes import DataReport, SkipReason, Strokes
 
 SAMPLES_PER_CURVE = 16  # points per Bezier / arc segment (assumed; preprocessing resamples later)
@@ -410,7 +410,7 @@ def load_kanjivg(
     if limit is not None:
         files = files[: int(limit)]
     items: list[tuple[str, Strokes]] = []
-    for f in tqdm(files, desc="kanjivg", disable=not progress):
+    for f in track(files, desc="kanjivg", quiet=not progress, leave=True):
         c = char_of(f)
         if c is None:
             report.skip(f.name, SkipReason.MALFORMED)

@@ -25,9 +25,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
+from ..progress import track
 from .fashion_mnist import user_data_dir
 from .strokes import DataReport, SkipReason, Strokes
 
@@ -265,7 +265,9 @@ def write_npz(
 # ---------------------------------------------------------------------------- files and categories
 
 
-def _files(path: Path, fmt: str) -> list[Path]:
+def stroke_files(path: Path, fmt: str) -> list[Path]:
+    """``path`` itself if it is a file, else the ``.ndjson`` / ``.npz`` files in it (``fmt`` "auto": both)
+    by name."""
     exts = (".ndjson", ".npz") if fmt == "auto" else (f".{fmt}",)
     if path.is_file():
         return [path]
@@ -281,7 +283,7 @@ def resolve_format(path: str | Path, format: str = "auto") -> str:
         return format
     if not path.exists():
         return "ndjson"  # the loader reports the missing path
-    found = {f.suffix.lstrip(".") for f in _files(path, "auto")}
+    found = {f.suffix.lstrip(".") for f in stroke_files(path, "auto")}
     if found == {"ndjson", "npz"}:
         raise ConfigError(f"{path} holds both .ndjson and .npz files: set data.args.format to ndjson or npz")
     return found.pop() if found else "ndjson"
@@ -316,7 +318,7 @@ def load_quickdraw(
             f"into {default_quickdraw_dir()}, or set data.args.path (or data.root) to their folder"
         )
     fmt = resolve_format(path, format)
-    files = _files(path, fmt)
+    files = stroke_files(path, fmt)
     if categories is not None:
         wanted = [categories] if isinstance(categories, str) else list(categories)
         by_cat = {category_of(f): f for f in files}
@@ -333,7 +335,7 @@ def load_quickdraw(
         raise ConfigError(f"{path}: .ndjson files have no {split!r} split; split with split_indices()")
     report = DataReport(source=f"quickdraw ({path})")
     items: list[tuple[str, Strokes]] = []
-    for f in tqdm(files, desc="quickdraw", disable=not progress):
+    for f in track(files, desc="quickdraw", quiet=not progress, leave=True):
         if fmt == "ndjson":
             items += read_ndjson(f, limit, recognized_only, report, label=category_of(f))
         else:

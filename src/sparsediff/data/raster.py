@@ -151,10 +151,14 @@ def make_grid(
 
 
 def save_grid(
-    images: Sequence[np.ndarray] | np.ndarray, path: str | Path, ncol: int = 8, pad: int = 2
+    images: Sequence[np.ndarray] | np.ndarray,
+    path: str | Path,
+    ncol: int = 8,
+    pad: int = 2,
+    pad_value: int = 128,
 ) -> Path:
     """Save a PNG grid of uint8 images (see :func:`make_grid`); creates the parent folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(make_grid(images, ncol, pad)).save(path)
+    Image.fromarray(make_grid(images, ncol, pad, pad_value)).save(path)
     return path

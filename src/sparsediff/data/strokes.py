@@ -1,4 +1,4 @@
-"""Pen-stroke data for ChiroDiff: representation, preprocessing, dataset, collate and the registry.
+"""Pen-stroke data for ChiroDiff: representation, preprocessing, dataset and collate.
 
 A *drawing* is ``list[np.ndarray]``: one (K, 2) float array of absolute (x, y) per stroke, in drawing
 order. Every source here uses image coordinates (y grows downwards): KanjiVG SVGs, QuickDraw and the
@@ -18,17 +18,15 @@ What ChiroDiff leaves unsaid and is **assumed** here (documented defaults, never
 - the stroke limit is checked on the input strokes, the length limit on the resampled sequence;
 - train/val are split 0.85 / 0.15 over the drawings that survive preprocessing, with ``data.split_seed``.
 
-Sources are registered by name in :func:`build_stroke_dataset`: ``kanjivg`` (installed PyPI package),
-``quickdraw`` and ``vmnist`` (user files: ``.ndjson`` or sketch-rnn ``.npz``) and ``hershey-digits``
-(bundled: the PyPI ``Hershey-Fonts`` package).
+This module is what every stroke loader (:mod:`~sparsediff.data.kanjivg`, :mod:`~sparsediff.data.quickdraw`,
+:mod:`~sparsediff.data.vmnist`) builds on; the sources are registered by name in
+:mod:`sparsediff.data.stroke_sources`, whose :func:`~sparsediff.data.stroke_sources.build_stroke_dataset`
+a config's ``data:`` section reads.
 """
 
 from __future__ import annotations
 
-import copy
 import enum
-import json
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -37,7 +35,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import DataSpec
 from ..errors import ConfigError, DataError
 
 Strokes = list[np.ndarray]  # one (K, 2) float array of absolute (x, y) per stroke
@@ -189,6 +186,28 @@ def from_velocity(velocity: np.ndarray) -> np.ndarray:
     p = v.copy()
     p[:, :2] = np.cumsum(v[:, :2], axis=0)
     return p
+
+
+def random_affine(
+    strokes: Sequence[np.ndarray],
+    rng: np.random.Generator,
+    rotation: float,
+    scale: tuple[float, float],
+    shear: float,
+) -> Strokes:
+    """A seeded random affine copy of a drawing, about the centre of its bounding box.
+
+    Draws, in this order, a rotation in +-``rotation`` degrees, x and y scales in ``scale`` and a shear
+    factor in +-``shear``; the same generator state gives the same copy.
+    """
+    pts = np.concatenate(strokes)
+    centre = (pts.min(0) + pts.max(0)) / 2  # (2,)
+    th = np.deg2rad(rng.uniform(-rotation, rotation))
+    sx, sy = rng.uniform(scale[0], scale[1], size=2)
+    k = rng.uniform(-shear, shear)
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    m = rot @ np.array([[1.0, k], [0.0, 1.0]]) @ np.diag([sx, sy])  # (2, 2)
+    return [(s - centre) @ m.T + centre for s in strokes]
 
 
 def _resample(xy: np.ndarray, counts: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
@@ -357,179 +376,3 @@ def split_indices(n: int, val_fraction: float = VAL_FRACTION, seed: int = 0) -> 
     perm = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * val_fraction))
     return perm[n_val:], perm[:n_val]
-
-
-# ---------------------------------------------------------------------------- registry
-
-STROKE_DATASETS = ("kanjivg", "quickdraw", "vmnist", "hershey-digits")
-_COMMON_ARGS = {
-    "representation",
-    "resample",
-    "scale",
-    "max_len",
-    "max_strokes",
-    "val_fraction",
-    "progress",
-    "raster_size",  # read by the ChiroDiff task (tasks/strokes.py), not by preprocessing
-    "raster_line_width",
-}
-_SOURCE_ARGS = {
-    "kanjivg": {"chars", "include_variants", "limit", "path", "samples_per_curve"},
-    "quickdraw": {"path", "categories", "format", "limit", "recognized_only", "use_file_splits"},
-    "vmnist": {"path", "digits", "format", "limit", "use_file_splits"},
-    "hershey-digits": {"fonts", "augment", "seed", "unique"},
-}
-_NPZ_SPLIT = {"train": "train", "val": "valid"}
-_POOL_CACHE: OrderedDict[str, tuple[list[np.ndarray], list[str], DataReport]] = OrderedDict()
-_POOL_CACHE_SIZE = 2
-
-
-def _load_raw(name: str, args: dict[str, Any], root: str | None, file_split: str | None):
-    """(list of (label, strokes), DataReport) from the named source."""
-    progress = bool(args.get("progress", False))
-    path = args.get("path") or root
-    if name == "kanjivg":
-        from .kanjivg import load_kanjivg
-
-        return load_kanjivg(
-            chars=args.get("chars"),
-            include_variants=bool(args.get("include_variants", False)),
-            limit=args.get("limit"),
-            path=path,
-            samples_per_curve=int(args.get("samples_per_curve", 16)),
-            progress=progress,
-        )
-    if name == "quickdraw":
-        from .quickdraw import default_quickdraw_dir, load_quickdraw
-
-        return load_quickdraw(
-            path or default_quickdraw_dir(),
-            categories=args.get("categories"),
-            split=file_split,
-            limit=args.get("limit"),
-            format=args.get("format", "auto"),
-            recognized_only=bool(args.get("recognized_only", False)),
-            progress=progress,
-        )
-    if name == "vmnist":
-        from .vmnist import default_vmnist_dir, load_vmnist
-
-        return load_vmnist(
-            path or default_vmnist_dir(),
-            digits=args.get("digits"),
-            split=file_split,
-            limit=args.get("limit"),
-            format=args.get("format", "auto"),
-            progress=progress,
-        )
-    from .vmnist import hershey_digits
-
-    items = hershey_digits(
-        fonts=args.get("fonts"),
-        augment=int(args.get("augment", 40)),
-        seed=int(args.get("seed", 0)),
-        unique=bool(args.get("unique", True)),
-    )
-    report = DataReport(source="hershey-digits")
-    report.keep(len(items))
-    return items, report
-
-
-def _uses_file_splits(name: str, args: dict[str, Any], root: str | None) -> bool:
-    """True when a QuickDraw / VMNIST source is sketch-rnn ``.npz`` and its own train/valid split is used."""
-    if name not in ("quickdraw", "vmnist") or not args.get("use_file_splits", True):
-        return False
-    from .quickdraw import resolve_format
-
-    if name == "quickdraw":
-        from .quickdraw import default_quickdraw_dir as default_dir
-    else:
-        from .vmnist import default_vmnist_dir as default_dir
-    return resolve_format(args.get("path") or root or default_dir(), args.get("format", "auto")) == "npz"
-
-
-def _pool(spec: DataSpec, file_split: str | None) -> tuple[list[np.ndarray], list[str], DataReport]:
-    """Preprocessed absolute sequences, their labels and the report; cached for the train/val pair."""
-    args = spec.args
-    key = json.dumps([spec.name, spec.root, file_split, args], sort_keys=True, default=str)
-    if key in _POOL_CACHE:
-        _POOL_CACHE.move_to_end(key)
-        seqs, labels, report = _POOL_CACHE[key]
-        return seqs, labels, copy.deepcopy(report)
-    items, report = _load_raw(spec.name, args, spec.root, file_split)
-    report.source = report.source or spec.name
-    kw = {
-        "resample": args.get("resample", RESAMPLE),
-        "scale": float(args.get("scale", SCALE)),
-        "max_strokes": args.get("max_strokes", MAX_STROKES),
-        "max_len": args.get("max_len", MAX_LEN),
-    }
-    seqs, labels = [], []
-    for i, (label, strokes) in enumerate(items):
-        r = preprocess(strokes, **kw)
-        if isinstance(r, SkipReason):
-            report.reject(f"{spec.name}[{i}] ({label})", r)
-            continue
-        seqs.append(r)
-        labels.append(label)
-    _POOL_CACHE[key] = (seqs, labels, report)
-    while len(_POOL_CACHE) > _POOL_CACHE_SIZE:
-        _POOL_CACHE.popitem(last=False)
-    return seqs, labels, copy.deepcopy(report)
-
-
-def build_stroke_dataset(spec: DataSpec, split: str) -> StrokeDataset:
-    """The ``split`` ("train" or "val") of the stroke source ``spec.name``.
-
-    Sources: ``kanjivg``, ``quickdraw``, ``vmnist``, ``hershey-digits``. Options come from ``spec.args``:
-
-    - all: ``representation`` ("velocity" | "absolute"), ``resample`` (0.05), ``scale`` (10),
-      ``max_len`` (300), ``max_strokes`` (25), ``val_fraction`` (0.15), ``progress`` (False);
-      ``raster_size`` (32) and ``raster_line_width`` (1.0 pixel) set how the ChiroDiff task rasterises
-      samples and references for FID (they do not change the sequences);
-    - kanjivg: ``chars`` (a string or list), ``include_variants``, ``limit``, ``path`` (a folder of
-      KanjiVG SVGs; default the installed ``kanjivg`` package), ``samples_per_curve``;
-    - quickdraw: ``path`` (a file or folder; else ``data.root``, else ``$SPARSEDIFF_DATA/quickdraw``),
-      ``categories``, ``format`` ("auto" | "ndjson" | "npz"), ``limit`` (per file),
-      ``recognized_only``, ``use_file_splits`` (True: an ``.npz`` source uses its own train / valid);
-    - vmnist: ``path``, ``digits``, ``format``, ``limit``, ``use_file_splits``;
-    - hershey-digits: ``fonts``, ``augment`` (40 augmented copies per glyph), ``seed``, ``unique``.
-
-    Otherwise the drawings that survive preprocessing are split ``1 - val_fraction`` / ``val_fraction``
-    with ``spec.split_seed`` (so the split depends on the preprocessing options). ``spec.train_size`` /
-    ``spec.val_size`` cap the split with a random subset. ``dataset.report`` covers the whole source.
-    """
-    if spec.name not in STROKE_DATASETS:
-        raise ConfigError(
-            f"data.name {spec.name!r} is not a stroke dataset; choose one of {', '.join(STROKE_DATASETS)}"
-        )
-    if split not in ("train", "val"):
-        raise ConfigError(f"split must be 'train' or 'val', not {split!r}")
-    allowed = _COMMON_ARGS | _SOURCE_ARGS[spec.name]
-    unknown = sorted(set(spec.args) - allowed)
-    if unknown:
-        raise ConfigError(
-            f"unknown data.args {', '.join(unknown)} for data.name={spec.name}; allowed: {', '.join(sorted(allowed))}"
-        )
-    representation = spec.args.get("representation", "velocity")
-    if representation not in REPRESENTATIONS:
-        raise ConfigError(
-            f"data.args.representation must be one of {', '.join(REPRESENTATIONS)}, not {representation!r}"
-        )
-
-    if _uses_file_splits(spec.name, spec.args, spec.root):
-        seqs, labels, report = _pool(spec, _NPZ_SPLIT[split])
-        order = np.random.default_rng(spec.split_seed).permutation(len(seqs))
-    else:
-        seqs, labels, report = _pool(spec, None)
-        train_idx, val_idx = split_indices(
-            len(seqs), float(spec.args.get("val_fraction", VAL_FRACTION)), spec.split_seed
-        )
-        order = train_idx if split == "train" else val_idx
-    cap = spec.train_size if split == "train" else spec.val_size
-    if cap is not None:
-        order = order[: int(cap)]
-    order = np.sort(order)  # source order within the split
-    if len(order) == 0:
-        raise DataError(f"the {split} split of {spec.name} is empty ({report})")
-    return StrokeDataset([seqs[i] for i in order], representation, [labels[i] for i in order], report=report)

@@ -26,8 +26,8 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from .fashion_mnist import user_data_dir
-from .quickdraw import _files, category_of, read_ndjson, read_npz, resolve_format
-from .strokes import DataReport, Strokes
+from .quickdraw import category_of, read_ndjson, read_npz, resolve_format, stroke_files
+from .strokes import DataReport, Strokes, random_affine
 
 DIGITS = tuple("0123456789")
 NOT_DIGIT_FONTS = ("japanese", "markers", "symbolic")  # their 0-9 slots hold other glyphs
@@ -92,7 +92,7 @@ def load_vmnist(
             raw = kept
         return raw, report
     by_digit: dict[str, list[Path]] = {}
-    for f in _files(path, fmt):
+    for f in stroke_files(path, fmt):
         d = _digit_of(category_of(f))
         if d is not None:
             by_digit.setdefault(d, []).append(f)
@@ -155,20 +155,6 @@ def _hershey_glyphs(
     return tuple(out)
 
 
-def _random_affine(
-    strokes: Strokes, rng: np.random.Generator, rotation: float, scale: tuple[float, float], shear: float
-) -> Strokes:
-    """Rotate (degrees), scale x and y independently and shear about the bounding-box centre."""
-    pts = np.concatenate(strokes)
-    centre = (pts.min(0) + pts.max(0)) / 2
-    th = np.deg2rad(rng.uniform(-rotation, rotation))
-    sx, sy = rng.uniform(scale[0], scale[1], size=2)
-    k = rng.uniform(-shear, shear)
-    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
-    m = rot @ np.array([[1.0, k], [0.0, 1.0]]) @ np.diag([sx, sy])  # (2, 2)
-    return [(s - centre) @ m.T + centre for s in strokes]
-
-
 def hershey_digits(
     fonts: Iterable[str] | None = None,
     augment: int = 0,
@@ -196,5 +182,5 @@ def hershey_digits(
     for d, strokes in glyphs:
         base = [s.copy() for s in strokes]
         out.append((d, base))
-        out += [(d, _random_affine(base, rng, rotation, scale, shear)) for _ in range(augment)]
+        out += [(d, random_affine(base, rng, rotation, scale, shear)) for _ in range(augment)]
     return out

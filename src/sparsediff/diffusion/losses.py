@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .schedules import NoiseSchedule
 
 
-def sample_timesteps(n: int, num_timesteps: int, generator: torch.Generator | None, device) -> torch.Tensor:
+def sample_timesteps(
+    n: int, num_timesteps: int, generator: torch.Generator | None, device: torch.device | str
+) -> torch.Tensor:
     """Uniform integer timesteps in [0, T), shape (n,)."""
     return torch.randint(0, num_timesteps, (n,), generator=generator).to(device)
 
 
 def epsilon_loss(
-    model,
+    model: Callable[..., torch.Tensor],
     x0: torch.Tensor,
     schedule: NoiseSchedule,
     generator: torch.Generator | None = None,
@@ -21,7 +25,7 @@ def epsilon_loss(
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     model_kwargs: dict | None = None,
-    teacher=None,
+    teacher: Callable[..., torch.Tensor] | None = None,
     distill_weight: float = 0.0,
 ) -> torch.Tensor:
     """``E ||eps - model(x_t, t)||^2`` with ``t`` uniform and ``x_t = sqrt(ab) x0 + sqrt(1 - ab) eps``.

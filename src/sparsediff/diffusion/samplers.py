@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import ConfigError
+from ..progress import track
 from .schedules import NoiseSchedule
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -63,6 +64,7 @@ def sample(
         clip_x0: clamp the predicted ``x0`` to [-1, 1] (pixel space only).
         variance_scale: multiplier on the noise standard deviation of each step.
         x_T: starting noise; drawn from ``generator`` when not given.
+        progress: report the denoising steps (a bar on a terminal, throttled lines in a log).
     """
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -73,13 +75,8 @@ def sample(
         return torch.randn(s, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
 
     x = randn(shape) if x_T is None else x_T.to(device=device, dtype=dtype)
-    iterator = timesteps
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(timesteps, desc=f"sampling ({sampler})", leave=False)
     step = _ddpm_step if sampler == "ddpm" else _ddim_step
-    for i, t in enumerate(iterator):
+    for i, t in enumerate(track(timesteps, desc=f"sampling ({sampler})", quiet=not progress)):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         eps = eps_model(x, t_batch).to(dtype)

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..config import DiffusionSpec
 
 SCHEDULES = ("scaled_linear", "linear", "cosine")
 
@@ -52,7 +56,7 @@ class NoiseSchedule:
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
 
     @classmethod
-    def from_config(cls, spec) -> NoiseSchedule:
+    def from_config(cls, spec: DiffusionSpec) -> NoiseSchedule:
         """From a :class:`sparsediff.config.DiffusionSpec`."""
         return cls(make_betas(spec.schedule, spec.timesteps, spec.beta_start, spec.beta_end))
 

@@ -1,7 +1,7 @@
 """Metrics: FID through torch-fidelity (Inception-v3 or offline sparsediff feature networks).
 
 Imports are lazy: ``import sparsediff.metrics`` does not import torch-fidelity (and its torchvision
-models) until a FID function is used, and ``python -m sparsediff.metrics.features`` runs cleanly.
+models) until a FID function is used (``sparsediff train-features`` never loads it).
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ its own name (``fid_sparsediff_<kind>``, see :mod:`sparsediff.metrics.fid`).
 
 Recreate the shipped weights with::
 
-    python -m sparsediff.metrics.features fmnist            # Fashion-MNIST, a few minutes on 2 CPU cores
-    python -m sparsediff.metrics.features strokes --kanjivg  # KanjiVG rasters, a few minutes on 2 CPU cores
-    python -m sparsediff.metrics.features strokes --data rasters.npz  # your own rasters and labels
+    sparsediff train-features fmnist                      # Fashion-MNIST, a few minutes on 2 CPU cores
+    sparsediff train-features strokes --kanjivg           # KanjiVG rasters, a few minutes on 2 CPU cores
+    sparsediff train-features strokes --data rasters.npz  # your own rasters and labels
 
 The stroke network is trained on a proxy task, since KanjiVG has one drawing per character: classify a
 rasterised character by its **stroke count** (1, 2, ..., 19, 20 or more: 20 classes), over seeded
@@ -26,11 +26,9 @@ feature dimension, test accuracy, the command that made it, torch version and th
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, DataError, StateError
+from ..progress import progress_bar, track
 
 # The shipped weights live inside the package so that an installed wheel has them (package-data
 # "assets/*"); tests point this elsewhere to simulate a missing asset.
@@ -58,8 +57,8 @@ def train_command(kind: str) -> str:
     """The shell command that (re)creates the shipped weights of ``kind``."""
     _check_kind(kind)
     if kind == "strokes":
-        return "python -m sparsediff.metrics.features strokes --kanjivg"
-    return f"python -m sparsediff.metrics.features {kind}"
+        return "sparsediff train-features strokes --kanjivg"
+    return f"sparsediff train-features {kind}"
 
 
 def _check_kind(kind: str) -> None:
@@ -198,10 +197,10 @@ def make_stroke_feature_data(
     Returns uint8 images (N, size, size), int64 labels (N,) and int64 groups (N,), N = copies x characters.
     """
     import numpy as np
-    from tqdm.auto import tqdm
 
     from ..data.kanjivg import load_kanjivg
     from ..data.raster import rasterize
+    from ..data.strokes import random_affine
 
     if copies < 1:
         raise ConfigError(f"copies must be >= 1, got {copies}")
@@ -213,20 +212,13 @@ def make_stroke_feature_data(
     labels = np.zeros(len(items) * copies, dtype=np.int64)
     groups = np.repeat(np.arange(len(items), dtype=np.int64), copies)
     k = 0
-    for _, strokes in tqdm(items, desc="rasterising KanjiVG", disable=not progress):
+    for _, strokes in track(items, desc="rasterising KanjiVG", quiet=not progress, leave=True):
         label = stroke_count_class(len(strokes))
-        pts = np.concatenate(strokes)
-        centre = (pts.min(0) + pts.max(0)) / 2  # (2,)
         for c in range(copies):
             if c == 0:
                 drawn, width, pad = strokes, STROKE_LINE_WIDTH, STROKE_PADDING
             else:
-                th = np.deg2rad(rng.uniform(-rotation, rotation))
-                sx, sy = rng.uniform(scale[0], scale[1], size=2)
-                sh = rng.uniform(-shear, shear)
-                rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
-                m = rot @ np.array([[1.0, sh], [0.0, 1.0]]) @ np.diag([sx, sy])  # (2, 2)
-                drawn = [(s - centre) @ m.T + centre for s in strokes]
+                drawn = random_affine(strokes, rng, rotation, scale, shear)
                 width, pad = rng.uniform(*line_width), rng.uniform(*padding)
             images[k] = rasterize(drawn, size=size, line_width=width, padding=pad)
             labels[k] = label
@@ -342,7 +334,7 @@ def train_feature_net(
             JSON metadata goes next to it with the suffix ``.json``.
         epochs: passes over the training images (AdamW, one-cycle learning rate).
         seed: seeds initialisation, shuffling and the hold-out split; same seed, same weights.
-        progress: show a progress bar per epoch.
+        progress: report progress per epoch (a bar on a terminal, throttled lines in a log).
         dataset: ``(images, labels)``: uint8 (N, H, W) images (32x32 rasters for strokes) and integer
             class labels (N,), optionally with ``groups`` (N,) as a third item: then whole groups are
             held out (augmented copies of one drawing). Required for kinds other than ``"fmnist"``.
@@ -360,8 +352,6 @@ def train_feature_net(
     if epochs < 1 or batch_size < 1:
         raise ConfigError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
     out = Path(out) if out is not None else asset_path(kind)
-    from tqdm.auto import tqdm
-
     x_tr, y_tr, x_te, y_te = _load_dataset(kind, dataset, holdout, seed)
     num_classes = int(max(int(y_tr.max()), int(y_te.max()))) + 1
     torch.manual_seed(seed)
@@ -377,18 +367,18 @@ def train_feature_net(
     for epoch in range(epochs):
         net.train()
         perm = torch.randperm(len(inputs), generator=gen)
-        bar = tqdm(
-            range(steps_per_epoch), desc=f"features-{kind} epoch {epoch + 1}/{epochs}", disable=not progress
-        )
-        for step in bar:
-            idx = perm[step * batch_size : (step + 1) * batch_size]
-            loss = F.cross_entropy(net(inputs[idx]), y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+        desc = f"features-{kind} epoch {epoch + 1}/{epochs}"
+        with progress_bar(steps_per_epoch, desc=desc, quiet=not progress) as bar:
+            for step in range(steps_per_epoch):
+                idx = perm[step * batch_size : (step + 1) * batch_size]
+                loss = F.cross_entropy(net(inputs[idx]), y_tr[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.update()
     train_seconds = time.perf_counter() - t0
     net.eval()
     acc = evaluate_accuracy(net, x_te, y_te)
@@ -403,7 +393,7 @@ def train_feature_net(
     save_file(state, str(out), metadata={"kind": kind, "config": json.dumps(config)})
     out.chmod(0o644)  # safetensors writes 0600; a shipped asset must be readable by everyone
     # The command line that reproduces this file: only the options that differ from the defaults.
-    command = f"python -m sparsediff.metrics.features {kind}"
+    command = f"sparsediff train-features {kind}"
     if data_option is not None:
         command += f" {data_option}"
     elif dataset is not None:
@@ -462,7 +452,7 @@ def _weights_file(kind: str, path: str | Path | None) -> tuple[Path, str]:
     path = asset_path(kind) if shipped else Path(path)
     how = f"create it with `{train_command(kind)}" + ("`" if shipped else f" --out {path}`")
     if kind == "strokes":
-        how += " (or `python -m sparsediff.metrics.features strokes --data RASTERS.npz` for your own rasters)"
+        how += " (or `sparsediff train-features strokes --data RASTERS.npz` for your own rasters)"
     if not path.is_file():
         raise DataError(f"feature network weights for {kind!r} not found at {path}; {how}")
     return path, how
@@ -515,79 +505,38 @@ def load_feature_net(kind: str, path: str | Path | None = None) -> FeatureNet:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line: python -m sparsediff.metrics.features KIND
+# Training data (what ``sparsediff train-features`` feeds train_feature_net)
 # ----------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train and save a feature network (see the module docstring)."""
-    p = argparse.ArgumentParser(
-        prog="python -m sparsediff.metrics.features", description=__doc__.split("\n")[0]
-    )
-    p.add_argument("kind", choices=KINDS)
-    p.add_argument(
-        "--data",
-        help="an .npz with uint8 `images` (N, 32, 32), int `labels` (N,) and optionally int `groups` (N,) "
-        "(held out whole); for strokes, or use --kanjivg",
-    )
-    p.add_argument(
-        "--kanjivg",
-        action="store_true",
-        help="strokes: make the data from the installed KanjiVG (stroke-count classes, augmented copies)",
-    )
-    p.add_argument("--copies", type=int, default=6, help="--kanjivg: rasters per character (default 6)")
-    p.add_argument("--out", help="weights file to write (default: the package's shipped asset)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
-    dataset = None
-    data_option, extra_meta = None, None
+def read_feature_data(path: str | Path) -> tuple[torch.Tensor, ...]:
+    """``(images, labels[, groups])`` from an .npz with uint8 ``images`` (N, 32, 32), integer ``labels``
+    (N,) and optionally integer ``groups`` (N,) (held out whole); a DataError when it cannot be read."""
+    import numpy as np
+
     try:
-        if a.kanjivg:
-            if a.kind != "strokes" or a.data:
-                raise ConfigError("--kanjivg makes the data of the strokes network; it goes without --data")
-            t0 = time.perf_counter()
-            dataset = make_stroke_feature_data(copies=a.copies, seed=a.seed, progress=not a.quiet)
-            data_option = "--kanjivg" + (f" --copies {a.copies}" if a.copies != 6 else "")
-            extra_meta = {
-                "data": "KanjiVG (installed package, base files), rasterised at 32 px",
-                "task": f"stroke count of the character: {STROKE_CLASSES} classes (1 .. {STROKE_CLASSES - 1}, "
-                f"{STROKE_CLASSES} or more)",
-                "copies_per_character": a.copies,
-                "characters": int(dataset[2].max()) + 1,
-                "data_seconds": round(time.perf_counter() - t0, 1),
-            }
-        elif a.data:
-            import numpy as np
-
-            try:
-                with np.load(a.data, allow_pickle=False) as z:
-                    dataset = (torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]))
-                    if "groups" in z.files:
-                        dataset += (torch.from_numpy(z["groups"]),)
-            except (OSError, KeyError, ValueError) as e:
-                raise DataError(f"cannot read `images` and `labels` from {a.data}: {e}") from None
-        meta = train_feature_net(
-            a.kind,
-            out=a.out,
-            epochs=a.epochs,
-            seed=a.seed,
-            progress=not a.quiet,
-            dataset=dataset,
-            batch_size=a.batch_size,
-            lr=a.lr,
-            data_option=data_option,
-            extra_meta=extra_meta,
-        )
-    except (DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(meta, indent=2))
-    return 0
+        with np.load(path, allow_pickle=False) as z:
+            dataset = (torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]))
+            if "groups" in z.files:
+                dataset += (torch.from_numpy(z["groups"]),)
+    except (OSError, KeyError, ValueError) as e:
+        raise DataError(f"cannot read `images` and `labels` from {path}: {e}") from None
+    return dataset
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def kanjivg_feature_data(
+    copies: int = 6, seed: int = 0, progress: bool = True
+) -> tuple[tuple[torch.Tensor, ...], dict]:
+    """The strokes network's data made from the installed KanjiVG (:func:`make_stroke_feature_data`)
+    and how it was made, for the weights' JSON metadata: ``(dataset, meta)``."""
+    t0 = time.perf_counter()
+    dataset = make_stroke_feature_data(copies=copies, seed=seed, progress=progress)
+    meta = {
+        "data": "KanjiVG (installed package, base files), rasterised at 32 px",
+        "task": f"stroke count of the character: {STROKE_CLASSES} classes (1 .. {STROKE_CLASSES - 1}, "
+        f"{STROKE_CLASSES} or more)",
+        "copies_per_character": copies,
+        "characters": int(dataset[2].max()) + 1,
+        "data_seconds": round(time.perf_counter() - t0, 1),
+    }
+    return dataset, meta

@@ -35,7 +35,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from ..errors import ConfigError, DataError, StateError
-from . import features as _features
+from . import features
 
 PYTORCH_FID_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_HELP = (
@@ -106,7 +106,7 @@ class SparsediffFeatureExtractor(FeatureExtractorBase):
         kind = _info(name).kind
         if kind is None:
             raise ConfigError(f"{name!r} is not a sparsediff feature extractor")
-        self.net = _features.load_feature_net(kind, feature_extractor_weights_path)
+        self.net = features.load_feature_net(kind, feature_extractor_weights_path)
 
     @staticmethod
     def get_provided_features_list() -> tuple[str, ...]:
@@ -126,7 +126,7 @@ class SparsediffFeatureExtractor(FeatureExtractorBase):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # x: uint8 (N, C, H, W), C in {1, 3} -> grayscale 32x32 in [-1, 1] -> (N, 128) features
-        feats = self.net.features(_features.preprocess(x))
+        feats = self.net.features(features.preprocess(x))
         out = {"penultimate": feats}
         if "logits" in self.features_list:
             out["logits"] = self.net.head(feats)
@@ -158,7 +158,7 @@ def register_extractors() -> None:
 register_extractors()
 
 
-class ImageTensorDataset(Dataset):
+class FidInputDataset(Dataset):
     """uint8 images (N, C, H, W) as the dataset torch-fidelity expects: item i is a uint8 (C, H, W) tensor.
 
     ``channels=3`` repeats grayscale to RGB (Inception takes 3 channels); ``None`` keeps them as given.
@@ -298,14 +298,14 @@ def compute_fid(
         weights_label = str(weights)
         channels = 3
     else:
-        weights = _features.feature_net_file(info.kind, weights_path)  # DataError with the command if missing
+        weights = features.feature_net_file(info.kind, weights_path)  # DataError with the command if missing
         weights_label = weights.name if weights_path is None else str(weights)
         channels = None  # FeatureNet reads 1 or 3 channels itself
-    weights_sha = _features.sha256_file(weights)
+    weights_sha = features.sha256_file(weights)
 
     kwargs = dict(
-        input1=ImageTensorDataset(gen, channels),
-        input2=ImageTensorDataset(ref, channels),
+        input1=FidInputDataset(gen, channels),
+        input2=FidInputDataset(ref, channels),
         fid=True,
         feature_extractor=extractor,
         feature_extractor_weights_path=str(weights),

@@ -1,20 +1,19 @@
 """The model-agnostic sparse engine (depends on torch only).
 
-``sparsify(model, optimizer, method=..., sparsity=..., distribution=...)`` returns a :class:`SparseEngine`;
-call its ``step()`` after every ``optimizer.step()``.
+``sparsify(model, optimizer, method=..., sparsity=..., distribution=...)`` (or ``sparsify(model, optimizer,
+spec)`` with a :class:`SparseSpec`) returns an :class:`Engine`: a :class:`SparseEngine` for dense, static,
+RigL and MagRan, an :class:`NMSparseEngine` for SR-STE. Call its ``step()`` after every
+``optimizer.step()``.
+
+Modules: ``spec`` (the settings), ``base`` (the engine contract and reports), ``engine`` (unstructured
+masks), ``nm`` (N:M patterns, masks, one-shot pruning) and ``nm_engine`` (SR-STE), ``api``
+(``sparsify``), ``distribution``, ``schedule``, ``targets``, ``io``, ``flops``, ``export``.
 """
 
+from .api import sparsify
+from .base import DensityReport, Engine, LayerReport, derive_seed, unwrap_optimizer
 from .distribution import DISTRIBUTIONS, layer_budgets, layer_densities, plan_sparsity
-from .engine import (
-    METHODS,
-    DensityReport,
-    LayerReport,
-    SparseConfig,
-    SparseEngine,
-    UpdateStats,
-    sparsify,
-    unwrap_optimizer,
-)
+from .engine import SparseEngine, UpdateStats
 from .export import (
     SemiStructuredReport,
     check_nm,
@@ -25,34 +24,37 @@ from .export import (
 from .flops import FlopReport, count_flops, training_flops_per_step, training_flops_total
 from .io import load_engine_state, save_engine_state
 from .nm import (
-    NM_METHODS,
-    NMConfig,
-    NMDensityReport,
     NMPattern,
-    NMSparseEngine,
     has_nm_hooks,
     nm_mask,
     one_shot_nm,
     parse_nm,
+    parse_progressive,
     progressive_schedule,
     remove_nm_hooks,
-    sparsify_nm,
     srste_weight,
 )
+from .nm_engine import NMDensityReport, NMSparseEngine
 from .schedule import UpdateSchedule
+from .spec import DYNAMIC_METHODS, ENGINE_METHODS, METHODS, NM_METHODS, UNSTRUCTURED_METHODS, SparseSpec
 from .targets import select_targets, unwrap_model
 
 __all__ = [
     "DISTRIBUTIONS",
+    "DYNAMIC_METHODS",
+    "ENGINE_METHODS",
     "METHODS",
+    "UNSTRUCTURED_METHODS",
     "DensityReport",
+    "Engine",
     "FlopReport",
     "LayerReport",
-    "SparseConfig",
     "SparseEngine",
+    "SparseSpec",
     "UpdateSchedule",
     "UpdateStats",
     "count_flops",
+    "derive_seed",
     "layer_budgets",
     "load_engine_state",
     "save_engine_state",
@@ -66,7 +68,6 @@ __all__ = [
     "unwrap_optimizer",
     # N:M sparsity, SR-STE and 2:4 export
     "NM_METHODS",
-    "NMConfig",
     "NMDensityReport",
     "NMPattern",
     "NMSparseEngine",
@@ -77,10 +78,10 @@ __all__ = [
     "nm_violations",
     "one_shot_nm",
     "parse_nm",
+    "parse_progressive",
     "plan_semi_structured",
     "progressive_schedule",
     "remove_nm_hooks",
-    "sparsify_nm",
     "srste_weight",
     "to_semi_structured",
 ]

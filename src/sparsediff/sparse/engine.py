@@ -1,4 +1,4 @@
-"""The sparse engine: masks, topology updates and the hooks that keep them true.
+"""The unstructured engine (dense, static, RigL, MagRan): masks, topology updates and the hooks keeping them.
 
 A ``SparseEngine`` owns one mask per target weight and plugs into any training loop::
 
@@ -31,114 +31,19 @@ How the invariants are kept, for any ``torch.optim`` optimiser (and wrappers suc
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, StateError
-from .distribution import DISTRIBUTIONS, check_sparsity, layer_budgets, layer_densities
-from .schedule import DECAYS, UpdateSchedule, resolve_end_step
-from .targets import select_targets, unwrap_model
-
-if TYPE_CHECKING:
-    from .nm import NMSparseEngine
-
-METHODS = ("dense", "static", "rigl", "magran")
-STATE_FORMAT = "sparsediff.sparse/1"
-
-
-@dataclass(frozen=True)
-class SparseConfig:
-    """Everything that defines a sparse engine; saved in its state dict."""
-
-    method: str = "rigl"
-    sparsity: float = 0.9
-    distribution: str = "erk"
-    prune_ratio: float = 0.3
-    decay: str = "cosine"
-    update_every: int = 100
-    end_step: int | None = None
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    seed: int = 0
-    erk_power: float = 1.0
-    rescale_init: bool = False
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(
-                f"unknown sparse method {self.method!r}; choose one of {', '.join(METHODS)} (or srste for N:M)"
-            )
-        check_sparsity(self.sparsity)
-        if self.distribution not in DISTRIBUTIONS:
-            raise ConfigError(
-                f"unknown distribution {self.distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}"
-            )
-        if self.decay not in DECAYS:
-            raise ConfigError(f"unknown prune-ratio decay {self.decay!r}; choose one of {', '.join(DECAYS)}")
-
-    @property
-    def dynamic(self) -> bool:
-        return self.method in ("rigl", "magran")
-
-
-@dataclass
-class LayerReport:
-    name: str
-    shape: tuple[int, ...]
-    numel: int
-    active: int  # positions the mask keeps (== budget)
-    nonzero: int  # entries that are literally non-zero now (just-grown weights are still 0)
-    budget: int
-    density: float  # active / numel
-
-
-@dataclass
-class DensityReport:
-    """Per-layer and total density of the sparsified weights and of the whole model."""
-
-    layers: list[LayerReport]
-    params_total: int  # every parameter of the model
-    params_nonzero: int  # active entries of targets + every entry of the other parameters
-    target_total: int  # entries of the sparsified weights
-    target_nonzero: int  # active entries of the sparsified weights
-
-    @property
-    def density(self) -> float:
-        return self.params_nonzero / max(self.params_total, 1)
-
-    @property
-    def target_density(self) -> float:
-        return self.target_nonzero / max(self.target_total, 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "layers"}
-        d["density"] = self.density
-        d["target_density"] = self.target_density
-        d["layers"] = [asdict(layer) for layer in self.layers]
-        return d
-
-    def __str__(self) -> str:
-        w = max([len(layer.name) for layer in self.layers] + [5])
-        lines = [f"{'layer':<{w}}  {'shape':<22} {'density':>8} {'active':>12} {'total':>12}"]
-        for layer in self.layers:
-            shape = "x".join(map(str, layer.shape))
-            lines.append(
-                f"{layer.name:<{w}}  {shape:<22} {layer.density:>8.4f} {layer.active:>12,} {layer.numel:>12,}"
-            )
-        lines.append(
-            f"{'sparsified weights':<{w}}  {'':<22} {self.target_density:>8.4f} "
-            f"{self.target_nonzero:>12,} {self.target_total:>12,}"
-        )
-        lines.append(
-            f"{'whole model':<{w}}  {'':<22} {self.density:>8.4f} {self.params_nonzero:>12,} {self.params_total:>12,}"
-        )
-        return "\n".join(lines)
+from ..errors import StateError
+from .base import Engine, derive_seed, dist_world
+from .distribution import layer_budgets, layer_densities
+from .schedule import UpdateSchedule
+from .spec import UNSTRUCTURED_METHODS, SparseSpec
 
 
 @dataclass
@@ -152,12 +57,6 @@ class UpdateStats:
     regrown: int = 0  # grown positions that were active before the update (keep their value)
     new: int = 0  # grown positions that were inactive before: start at 0 with zeroed state
     per_layer: dict[str, int] = field(default_factory=dict)  # layer -> new connections
-
-
-def derive_seed(seed: int, *parts: object) -> int:
-    """A 63-bit seed from ``seed`` and labels; the same on every process and platform."""
-    text = "/".join([str(seed), *map(str, parts)]).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -189,80 +88,40 @@ def _largest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return candidates[torch.topk(scores[candidates], k, sorted=False).indices]
 
 
-def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The innermost ``torch.optim.Optimizer`` of a wrapper (accelerate's ``AcceleratedOptimizer``...)."""
-    opt = optimizer
-    for _ in range(16):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, torch.optim.Optimizer):
-            opt = inner
-        else:
-            break
-    if not isinstance(opt, torch.optim.Optimizer):
-        raise ConfigError(
-            f"sparsify() needs a torch.optim.Optimizer (or a wrapper exposing one as .optimizer), "
-            f"got {type(optimizer).__name__}"
-        )
-    return opt
-
-
-def _dist_world() -> tuple[bool, int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return True, dist.get_rank(), dist.get_world_size()
-    return False, 0, 1
-
-
-class SparseEngine:
+class SparseEngine(Engine):
     """Masks and dynamic topology for the target weights of one model (see the module docstring).
 
-    Build it with :func:`sparsediff.sparsify`. Attributes:
-        config: the :class:`SparseConfig`.
-        names: target parameter names, in model order.
-        budgets: layer name -> number of non-zeros it keeps.
-        densities: layer name -> the real-valued density the distribution gave.
-        step_count: optimiser steps taken (skipped mixed-precision steps do not count).
-        num_updates: topology updates done.
-        last_update: :class:`UpdateStats` of the latest update.
-        stats: running counters (``sync_mismatch``: mask entries rank 0 had to correct on another rank).
+    Build it with :func:`sparsediff.sparsify`. Beyond the :class:`Engine` members:
+        schedule: the :class:`UpdateSchedule` of RigL / MagRan (None for static and dense).
+        last_update: :class:`UpdateStats` of the latest topology update.
+        stats: also ``sync_mismatch``: mask entries rank 0 had to correct on another rank.
     """
 
-    def __init__(self, model: nn.Module, optimizer: Any | None, config: SparseConfig):
-        self.config = config
-        self.model = unwrap_model(model)
-        self.optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
-        targets = select_targets(self.model, config.include or None, config.exclude or None)
-        self.names: list[str] = [n for n, _ in targets]
-        self._params: dict[str, nn.Parameter] = dict(targets)
-        shapes = {n: tuple(p.shape) for n, p in targets}
-        sparsity = 0.0 if config.method == "dense" else config.sparsity
-        self.densities = layer_densities(shapes, sparsity, config.distribution, config.erk_power)
-        self.budgets = layer_budgets(shapes, self.densities, sparsity)
+    METHODS: ClassVar[tuple[str, ...]] = UNSTRUCTURED_METHODS
+    STATE_FORMAT: ClassVar[str] = "sparsediff.sparse/1"
+    STATE_LABEL: ClassVar[str] = "engine"
+    STATE_KEYS: ClassVar[tuple[str, ...]] = ("method", "sparsity", "distribution")
+
+    def __init__(self, model: nn.Module, optimizer: Any | None, spec: SparseSpec):
+        super().__init__(model, optimizer, spec)
+        targets = self._select_targets()
+        self.names = [n for n, _ in targets]
+        self._params = dict(targets)
+        self._shapes = {n: tuple(p.shape) for n, p in targets}
+        sparsity = 0.0 if spec.method == "dense" else spec.sparsity
+        self._densities = layer_densities(self._shapes, sparsity, spec.distribution, spec.erk_power)
+        self._budgets = layer_budgets(self._shapes, self._densities, sparsity)
         self.schedule = (
-            UpdateSchedule(config.prune_ratio, config.update_every, config.end_step, config.decay)
-            if config.dynamic
+            UpdateSchedule(spec.prune_ratio, spec.update_every, spec.end_step, spec.decay)
+            if spec.dynamic
             else None
         )
-        self.step_count = 0
-        self.num_updates = 0
         self.last_update = UpdateStats()
-        self.stats: dict[str, int] = {"sync_mismatch": 0, "idle_calls": 0}
-        self._opt_steps = 0  # counted by the post-step hook
+        self.stats["sync_mismatch"] = 0
         self._grads_masked = False
         self._dense_grads: dict[str, torch.Tensor] | None = None
-        self._hooks: list[Any] = []
         self._bool_cache: dict[str, torch.Tensor] | None = None
-
-        if self.optimizer is not None:
-            in_opt = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-            for name in self.names:
-                p = self._params[name]
-                if p.requires_grad and id(p) not in in_opt:
-                    raise ConfigError(
-                        f"parameter {name!r} is a sparsification target but the optimiser does not update it; "
-                        "add it to the optimiser or exclude it"
-                    )
+        self._check_optimizer("a sparsification target")
 
         # Masks are kept in the weight's dtype: multiplying by a float mask is several times faster than
         # by a bool one, and the hot path (two multiplies per step) is all the engine costs between updates.
@@ -272,9 +131,11 @@ class SparseEngine:
             self._masks[name] = self._initial_mask(name, p).to(device=p.device, dtype=p.dtype)
         self._sync_masks(self._masks)
         self._apply_initial_masks()
-        if self.optimizer is not None and config.method != "dense":
+        if self.optimizer is not None and spec.method != "dense":
             self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step_hook))
             self._hooks.append(self.optimizer.register_step_post_hook(self._post_step_hook))
+        elif self.optimizer is not None:  # dense: nothing to mask, only the steps to count
+            self._hooks.append(self.optimizer.register_step_post_hook(self._count_step_hook))
 
     # ------------------------------------------------------------------ masks
 
@@ -284,7 +145,7 @@ class SparseEngine:
             return torch.ones(p.shape, dtype=torch.bool)
         # CPU generator: the same mask whatever the device, on every rank.
         scores = torch.rand(
-            numel, generator=_generator(torch.device("cpu"), derive_seed(self.config.seed, name, "init"))
+            numel, generator=_generator(torch.device("cpu"), derive_seed(self.spec.seed, name, "init"))
         )
         mask = torch.zeros(numel, dtype=torch.bool)
         mask[torch.topk(scores, budget, sorted=False).indices] = True
@@ -295,7 +156,7 @@ class SparseEngine:
         for name in self.names:
             p, m = self._params[name], self._masks[name]
             p.mul_(m)
-            if self.config.rescale_init:
+            if self.spec.rescale_init:
                 # Keep the output variance of the dense initialisation despite the smaller fan-in.
                 p.div_(math.sqrt(max(self.budgets[name] / p.numel(), 1e-12)))
             self._zero_optimizer_state(p, m.bool())
@@ -307,10 +168,25 @@ class SparseEngine:
             self._bool_cache = {n: m.bool() for n, m in self._masks.items()}
         return self._bool_cache
 
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The target parameters, in model order."""
-        for name in self.names:
-            yield name, self._params[name]
+    @property
+    def budgets(self) -> dict[str, int]:
+        """Layer name -> number of non-zeros it keeps."""
+        return self._budgets
+
+    @property
+    def densities(self) -> dict[str, float]:
+        """Layer name -> the real-valued density the distribution gave."""
+        return self._densities
+
+    @property
+    def end_step(self) -> int | None:
+        return self.schedule.end_step if self.schedule is not None else None
+
+    def new_connections(self) -> int:
+        last = self.last_update
+        if last.step != self.step_count or self.step_count == 0:
+            return 0
+        return last.new
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -325,7 +201,7 @@ class SparseEngine:
         The pre-step hook calls it; call it yourself before gradient clipping so the clip norm is the
         norm of the sparse gradient. On a step that ends in a RigL update it first keeps ``|grad|``.
         """
-        if self._grads_masked or self.config.method == "dense":
+        if self._grads_masked or self.spec.method == "dense":
             return
         names = [n for n in self.names if self._params[n].grad is not None]
         if self._needs_dense_grads():
@@ -336,7 +212,7 @@ class SparseEngine:
 
     def _needs_dense_grads(self) -> bool:
         return (
-            self.config.method == "rigl"
+            self.spec.method == "rigl"
             and self.schedule is not None
             and self.schedule.is_update_step(self._opt_steps + 1)
         )
@@ -349,30 +225,22 @@ class SparseEngine:
         self._opt_steps += 1
         self._grads_masked = False
 
+    def _count_step_hook(self, optimizer, args, kwargs) -> None:
+        self._opt_steps += 1
+
     # ------------------------------------------------------------------ stepping
 
-    def step(self) -> bool:
-        """Call once after each ``optimizer.step()``. Returns whether the topology changed.
+    def _advance(self, step: int) -> bool:
+        if self.schedule is not None and self.schedule.is_update_step(step):
+            return self._update_topology(step)
+        return False
 
-        Does nothing (and returns False) when the optimiser did not actually step since the last call,
-        as after a mixed-precision step with overflowing gradients.
-        """
-        if self.optimizer is None:
-            raise ConfigError("this engine was built without an optimiser (inspection only); it cannot step")
-        if self._opt_steps == self.step_count:
-            # No optimiser step since the last call (the scaler skipped it after an overflow, or a
-            # gradient-accumulation micro-step): forget gradients kept for an update that did not happen.
-            self.stats["idle_calls"] += 1
-            self._dense_grads = None
-            self._grads_masked = False
-            return False
-        changed = False
-        while self.step_count < self._opt_steps:  # normally exactly one step
-            self.step_count += 1
-            if self.schedule is not None and self.schedule.is_update_step(self.step_count):
-                changed |= self._update_topology(self.step_count)
+    def _end_step(self, idle: bool) -> None:
+        # Gradients kept for an update are used up; after a call without an optimiser step (the scaler
+        # skipped it after an overflow, or a gradient-accumulation micro-step) they belong to no update.
         self._dense_grads = None
-        return changed
+        if idle:
+            self._grads_masked = False
 
     @torch.no_grad()
     def _update_topology(self, step: int) -> bool:
@@ -387,7 +255,7 @@ class SparseEngine:
             if budget >= p.numel() or k == 0:
                 new[name] = active
                 continue
-            if self.config.method == "rigl":
+            if self.spec.method == "rigl":
                 if self._dense_grads is None or name not in self._dense_grads:
                     raise RuntimeError(
                         f"RigL update at step {step} has no dense gradient for {name!r}: call engine.step() "
@@ -438,7 +306,7 @@ class SparseEngine:
         if grad_abs is not None:
             grow_score = torch.nan_to_num(grad_abs.reshape(-1).float(), nan=0.0, posinf=0.0)
         else:
-            g = _generator(p.device, derive_seed(self.config.seed, name, "grow", step))
+            g = _generator(p.device, derive_seed(self.spec.seed, name, "grow", step))
             grow_score = torch.rand(p.numel(), generator=g, device=p.device)
         grow_score.masked_fill_(kept, -math.inf)
         new = kept
@@ -461,7 +329,7 @@ class SparseEngine:
 
     def _sync_masks(self, masks: dict[str, torch.Tensor]) -> int:
         """Make every data-parallel rank use rank 0's masks (in place); returns the entries corrected."""
-        distributed, _, _ = _dist_world()
+        distributed, _, _ = dist_world()
         if not distributed:
             return 0
         import torch.distributed as dist
@@ -486,29 +354,6 @@ class SparseEngine:
 
     # ------------------------------------------------------------------ reports
 
-    def report(self) -> DensityReport:
-        """Per-layer and total density from the masks (active positions), with measured non-zeros."""
-        layers = []
-        for name in self.names:
-            p = self._params[name]
-            active = int(self._masks[name].count_nonzero())
-            nonzero = int(torch.count_nonzero(p.detach()))
-            layers.append(
-                LayerReport(
-                    name, tuple(p.shape), p.numel(), active, nonzero, self.budgets[name], active / p.numel()
-                )
-            )
-        params_total = sum(p.numel() for p in self.model.parameters())
-        target_total = sum(layer.numel for layer in layers)
-        target_nonzero = sum(layer.active for layer in layers)
-        return DensityReport(
-            layers=layers,
-            params_total=params_total,
-            params_nonzero=params_total - target_total + target_nonzero,
-            target_total=target_total,
-            target_nonzero=target_nonzero,
-        )
-
     def check_invariants(self) -> list[str]:
         """Problems found (empty when all hold): masked weights non-zero, active counts off budget."""
         problems = []
@@ -522,56 +367,20 @@ class SparseEngine:
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: config, counters and masks (bool tensors, on CPU)."""
-        cfg = asdict(self.config)
-        cfg["include"], cfg["exclude"] = list(self.config.include), list(self.config.exclude)
+    def _state_extra(self) -> dict[str, Any]:
         return {
-            "format": STATE_FORMAT,
-            "config": cfg,
-            "step": self.step_count,
-            "num_updates": self.num_updates,
             "budgets": dict(self.budgets),
             "masks": {n: m.detach().bool().cpu().clone() for n, m in self._masks.items()},
         }
 
-    @torch.no_grad()
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore masks and counters saved by :meth:`state_dict`.
+    def _saved_shapes(self, state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(m.shape) for n, m in state.get("masks", {}).items()}
 
-        Raises:
-            StateError: the state dict comes from another model (layer names or shapes differ) or from an
-                engine with another method, sparsity or distribution.
-        """
-        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-            raise StateError(
-                "not a sparsediff engine state dict (missing format marker 'sparsediff.sparse/1')"
-            )
-        saved_cfg = state.get("config", {})
-        for key in ("method", "sparsity", "distribution"):
-            if key in saved_cfg and saved_cfg[key] != getattr(self.config, key):
-                raise StateError(
-                    f"engine state was saved with {key}={saved_cfg[key]!r} but this engine has "
-                    f"{key}={getattr(self.config, key)!r}"
-                )
+    @torch.no_grad()
+    def _restore(self, state: Mapping[str, Any], step: int) -> None:
         masks = state["masks"]
-        missing = [n for n in self.names if n not in masks]
-        unexpected = [n for n in masks if n not in self._masks]
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing layer(s) {', '.join(missing[:5])}")
-            if unexpected:
-                parts.append(f"unexpected layer(s) {', '.join(unexpected[:5])}")
-            raise StateError("engine state does not match this model: " + "; ".join(parts))
         for name in self.names:
-            saved = masks[name]
-            if tuple(saved.shape) != tuple(self._masks[name].shape):
-                raise StateError(
-                    f"engine state does not match this model: layer {name!r} has shape "
-                    f"{tuple(saved.shape)} in the state but {tuple(self._masks[name].shape)} in the model"
-                )
-            nnz = int(saved.bool().sum())
+            nnz = int(masks[name].bool().sum())
             if nnz != self.budgets[name]:
                 raise StateError(
                     f"engine state does not match this model: layer {name!r} has {nnz} active weights "
@@ -579,115 +388,13 @@ class SparseEngine:
                 )
         for name in self.names:
             self._masks[name].copy_(masks[name].to(self._masks[name].device))
-        self.step_count = int(state["step"])
-        self._opt_steps = self.step_count
-        self.num_updates = int(state.get("num_updates", 0))
         self._bool_cache = None
         self._dense_grads = None
         self._grads_masked = False
 
-    def remove(self) -> None:
-        """Detach the optimiser hooks (the masks stay as they are)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-
     def __repr__(self) -> str:
-        c = self.config
+        c = self.spec
         return (
             f"SparseEngine(method={c.method!r}, sparsity={c.sparsity}, distribution={c.distribution!r}, "
             f"layers={len(self.names)}, step={self.step_count}, updates={self.num_updates})"
         )
-
-
-def sparsify(
-    model: nn.Module,
-    optimizer: Any | None = None,
-    *,
-    method: str = "rigl",
-    sparsity: float = 0.9,
-    distribution: str = "erk",
-    prune_ratio: float = 0.3,
-    decay: str = "cosine",
-    update_every: int = 100,
-    end_step: int | str | None = None,
-    total_steps: int | None = None,
-    end_fraction: float = 0.75,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    seed: int = 0,
-    erk_power: float = 1.0,
-    rescale_init: bool = False,
-    nm: str | tuple[int, int] | None = None,
-    srste_lambda: float | None = None,
-    progressive: Sequence[str] | None = None,
-    nm_incompatible: str = "dense",
-) -> SparseEngine | NMSparseEngine:
-    """Make ``model`` sparse from now on and return the engine that keeps it so.
-
-    Args:
-        model: any ``nn.Module`` (DDP and ``torch.compile`` wrappers are looked through).
-        optimizer: the optimiser that trains ``model``; ``None`` builds an engine for inspection only.
-        method: ``"dense"`` (no masks), ``"static"`` (random mask fixed at the start), ``"rigl"`` (drop by
-            magnitude, grow by dense-gradient magnitude), ``"magran"`` (drop by magnitude, grow at random)
-            or ``"srste"`` (N:M masks recomputed every forward pass, SR-STE gradients: returns an
-            :class:`~sparsediff.sparse.nm.NMSparseEngine`; only ``nm``, ``srste_lambda``, ``progressive``,
-            ``nm_incompatible``, ``include`` and ``exclude`` apply to it).
-        sparsity: global fraction of zeros over the target weights, in [0, 1).
-        distribution: how the sparsity is spread over layers: ``"uniform"``, ``"er"`` or ``"erk"``.
-        prune_ratio: fraction of each layer's active weights moved at the first update, in (0, 1].
-        decay: ``"cosine"`` or ``"constant"`` decay of the prune ratio.
-        update_every: optimiser steps between topology updates.
-        end_step: last step with a topology update; ``"never"`` keeps updating (constant decay only).
-        total_steps: training length; when ``end_step`` is not given it is ``end_fraction * total_steps``.
-        end_fraction: see ``total_steps`` (0.75 by default).
-        include / exclude: name patterns (globs, or regexes prefixed ``re:``) selecting target weights.
-        seed: seeds the initial masks and MagRan's growth.
-        erk_power: exponent on ER/ERK raw densities.
-        rescale_init: divide the active initial weights by ``sqrt(density)``.
-        nm: ``"srste"`` only: the N:M pattern (``"2:4"`` by default).
-        srste_lambda: ``"srste"`` only: decay of the pruned weights in the backward pass (2e-4 by default).
-        progressive: ``"srste"`` only: N:M schedule such as ``["7:8@0", "4:8@1000", "2:4@2000"]``.
-        nm_incompatible: ``"srste"`` only: keep layers whose input size is not a multiple of M ``"dense"``
-            or raise (``"error"``).
-    """
-    if method == "srste":
-        from .nm import sparsify_nm
-
-        return sparsify_nm(
-            model,
-            optimizer,
-            method=method,
-            nm=nm,
-            srste_lambda=srste_lambda,
-            progressive=progressive,
-            nm_incompatible=nm_incompatible,
-            include=include,
-            exclude=exclude,
-        )
-    if nm is not None or srste_lambda is not None or progressive is not None:
-        raise ConfigError(f"nm, srste_lambda and progressive apply to method='srste' only, not {method!r}")
-    if method in ("rigl", "magran"):
-        end = resolve_end_step(end_step, total_steps, end_fraction)
-    else:
-        end = None
-    as_tuple = lambda v: tuple(v.split(",")) if isinstance(v, str) else tuple(v or ())  # noqa: E731
-    config = SparseConfig(
-        method=method,
-        sparsity=0.0 if method == "dense" else sparsity,
-        distribution=distribution,
-        prune_ratio=prune_ratio,
-        decay=decay,
-        update_every=update_every,
-        end_step=end,
-        include=as_tuple(include),
-        exclude=as_tuple(exclude),
-        seed=seed,
-        erk_power=erk_power,
-        rescale_init=rescale_init,
-    )
-    if config.dynamic:
-        UpdateSchedule(prune_ratio, update_every, end, decay)  # validate early, with the user's values
-    elif not (isinstance(prune_ratio, (int, float)) and 0.0 < prune_ratio <= 1.0):
-        raise ConfigError(f"prune ratio must be in (0, 1], got {prune_ratio!r}")
-    return SparseEngine(model, optimizer, config)

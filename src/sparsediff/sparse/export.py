@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .nm import NMPattern, NMSparseEngine, _groups, has_nm_hooks, input_dim
+from .base import Engine
+from .nm import NMPattern, has_nm_hooks, input_dim, nm_groups
+from .nm_engine import NMSparseEngine
 from .targets import select_targets, unwrap_model
 
 EXPORT_DTYPES = (torch.float16, torch.bfloat16)
@@ -30,7 +32,7 @@ EXPORT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _violating_groups(weight: torch.Tensor, n: int, m: int, in_dim: int) -> int:
-    groups, _ = _groups(weight.detach(), m, in_dim)
+    groups, _ = nm_groups(weight.detach(), m, in_dim)
     return int(((groups != 0).sum(-1) > n).sum())
 
 
@@ -167,7 +169,7 @@ def _resolve_masks(masks: Any, model: nn.Module) -> dict[str, torch.Tensor]:
         return {}
     if isinstance(masks, Mapping):
         out = dict(masks)
-    elif hasattr(masks, "masks"):  # an engine
+    elif isinstance(masks, Engine):
         out = dict(masks.masks)
     else:
         raise ConfigError(
@@ -276,7 +278,7 @@ def to_semi_structured(
     _check_dtype(dtype)
     model = unwrap_model(model)
     engine = masks if isinstance(masks, NMSparseEngine) else None
-    owned = _engine_modules(engine) if engine is not None else set()
+    owned = engine.hooked_modules() if engine is not None else set()
     stray = [name for name, mod in model.named_modules() if has_nm_hooks(mod) and mod not in owned]
     if stray:
         raise ConfigError(
@@ -334,11 +336,6 @@ def _semi_structured_contiguous_input(module: nn.Module, args: tuple) -> tuple |
     if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
         return (args[0].contiguous(), *args[1:])
     return None
-
-
-def _engine_modules(engine: NMSparseEngine) -> set[nn.Module]:
-    """The modules an N:M engine has hooks on (the owners of its weights and the model itself)."""
-    return {engine.model} | {mod for owners in engine._owners.values() for mod, _ in owners}
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
+from .base import Engine
 from .targets import unwrap_model
 
 aten = torch.ops.aten
@@ -128,10 +129,7 @@ class FlopReport:
 
 def _densities_from(sparsity: Any, names: list[str], params: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Accepts an engine, a name->mask mapping, a name->density mapping or None (measured from weights)."""
-    from .engine import SparseEngine
-
-    if isinstance(sparsity, SparseEngine) or (hasattr(sparsity, "budgets") and hasattr(sparsity, "names")):
-        # SparseEngine, or an engine alike (NMSparseEngine: budgets of the N:M pattern in force)
+    if isinstance(sparsity, Engine):  # an N:M engine gives the budgets of the pattern in force
         budgets = sparsity.budgets
         return {n: budgets[n] / params[n].numel() for n in sparsity.names}
     if sparsity is None:
@@ -156,14 +154,14 @@ def count_flops(
     Args:
         model: the model (runs once in eval mode; its training flag is restored).
         example_inputs: positional inputs (tuple) or keyword inputs (mapping) for one forward pass.
-        sparsity: a :class:`SparseEngine`, a mapping ``name -> bool mask`` or ``name -> density``, or
-            ``None`` to measure each weight's density from its non-zero entries.
+        sparsity: an engine (:class:`~sparsediff.sparse.base.Engine`), a mapping ``name -> bool mask`` or
+            ``name -> density``, or ``None`` to measure each weight's density from its non-zero entries.
         targets: parameter names to report; by default those of ``sparsity`` or every weight with >= 2 dims.
     """
     model = unwrap_model(model)
     params = dict(model.named_parameters())
     if targets is None:
-        if sparsity is not None and hasattr(sparsity, "names"):
+        if isinstance(sparsity, Engine):
             targets = list(sparsity.names)
         elif isinstance(sparsity, Mapping):
             targets = list(sparsity.keys())
@@ -190,8 +188,11 @@ def count_flops(
                 placed[name] = key
                 owners[key] = name
 
-    track = getattr(sparsity, "track_weight_uses", None)
-    tracking = track(on_weight_use) if callable(track) else contextlib.nullcontext()
+    tracking = (
+        sparsity.track_weight_uses(on_weight_use)
+        if isinstance(sparsity, Engine)
+        else contextlib.nullcontext()
+    )
     was_training = model.training
     model.eval()
     # cuDNN's fused RNN kernels do not decompose; the native path exposes each product. Autograd stays on

@@ -9,13 +9,15 @@ from typing import Any
 import torch
 
 from ..errors import StateError
+from .base import Engine
 
 _PREFIX = "mask/"
 
 
 def engine_state_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Split an engine ``state_dict()`` into safetensors tensors and string metadata."""
-    tensors = {_PREFIX + n: m.to(torch.uint8).contiguous() for n, m in state["masks"].items()}
+    """Split an engine ``state_dict()`` into safetensors tensors (its ``masks``, when it stores any) and
+    string metadata (everything else, as JSON)."""
+    tensors = {_PREFIX + n: m.to(torch.uint8).contiguous() for n, m in state.get("masks", {}).items()}
     meta = {k: v for k, v in state.items() if k != "masks"}
     return tensors, {"sparsediff_engine": json.dumps(meta)}
 
@@ -23,23 +25,28 @@ def engine_state_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tens
 def engine_state_from_tensors(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
 ) -> dict[str, Any]:
+    """The engine ``state_dict()`` that :func:`engine_state_to_tensors` split."""
     if not metadata or "sparsediff_engine" not in metadata:
         raise StateError(
             "the file holds no sparsediff engine state (metadata key 'sparsediff_engine' missing)"
         )
     state = json.loads(metadata["sparsediff_engine"])
-    state["masks"] = {k[len(_PREFIX) :]: v.bool() for k, v in tensors.items() if k.startswith(_PREFIX)}
+    masks = {k[len(_PREFIX) :]: v.bool() for k, v in tensors.items() if k.startswith(_PREFIX)}
+    if masks:  # an N:M engine stores none: its masks follow from the weights
+        state["masks"] = masks
     return state
 
 
-def save_engine_state(engine, path: str | Path) -> None:
+def save_engine_state(engine: Engine, path: str | Path) -> None:
+    """Write ``engine.state_dict()`` to a safetensors file."""
     from safetensors.torch import save_file
 
     tensors, meta = engine_state_to_tensors(engine.state_dict())
     save_file(tensors, str(path), metadata=meta)
 
 
-def load_engine_state(engine, path: str | Path) -> None:
+def load_engine_state(engine: Engine, path: str | Path) -> None:
+    """Restore ``engine`` from a file written by :func:`save_engine_state`."""
     from safetensors import safe_open
 
     try:

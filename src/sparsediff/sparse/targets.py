@@ -44,7 +44,8 @@ def _compile(pattern: str):
     return lambda name: fnmatch.fnmatchcase(name, pattern)
 
 
-def _as_list(patterns: str | Iterable[str] | None) -> list[str]:
+def as_list(patterns: str | Iterable[str] | None) -> list[str]:
+    """Layer patterns as a list: None -> [], ``"a, b"`` -> ``["a", "b"]``, a sequence -> its list."""
     if patterns is None:
         return []
     if isinstance(patterns, str):
@@ -77,7 +78,7 @@ def select_targets(
         ConfigError: a pattern matches no parameter, or nothing is left to sparsify.
     """
     model = unwrap_model(model)
-    include_l, exclude_l = _as_list(include), _as_list(exclude)
+    include_l, exclude_l = as_list(include), as_list(exclude)
     named = list(model.named_parameters())
     all_names = [n for n, _ in named]
     for pat in include_l + exclude_l:

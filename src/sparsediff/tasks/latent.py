@@ -5,21 +5,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from ..diffusion import epsilon_loss, sample
+from ..checkpoint import load_tensors, save_tensors
+from ..config import RunConfig
+from ..data.images import build_image_dataset, reference_images_uint8
 from ..errors import ConfigError
-from .base import Samples, Task, TrainData, to_uint8
+from ..models.autoencoder import FirstStage
+from ..progress import track
+from ..sparse import count_flops
+from .base import Samples, Sampling, Task, TrainData, to_uint8
 
 
 class TensorTrainData(TrainData):
     """Training examples (latents or pixels) as one tensor (N, C, H, W)."""
 
     def __init__(self, x: torch.Tensor):
-        self.x = x
+        self.x = x  # (N, C, H, W)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -28,24 +36,22 @@ class TensorTrainData(TrainData):
         return {"x0": self.x[indices.to(self.x.device)].to(device, non_blocking=True)}
 
 
-def _all_images(dataset, batch_size: int = 256, num_workers: int = 0, progress: bool = True):
-    """Iterate a dataset of float (C, H, W) images in batches."""
-    from torch.utils.data import DataLoader
-
+def _all_images(
+    dataset: Dataset, batch_size: int = 256, num_workers: int = 0, progress: bool = True
+) -> Iterator[torch.Tensor]:
+    """Iterate a dataset of float (C, H, W) images in batches (B, C, H, W)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    if progress:
-        from tqdm.auto import tqdm
-
-        loader = tqdm(loader, desc="encoding training images", leave=False)
-    yield from loader
+    yield from track(loader, desc="encoding training images", quiet=not progress)
 
 
 class LatentDiffusionTask(Task):
+    """Latent diffusion on images (pixel-space diffusion when ``first_stage.kind`` is ``none``)."""
+
     family = "ldm"
 
-    def __init__(self, cfg, run_dir=None):
+    def __init__(self, cfg: RunConfig, run_dir: Path | None = None):
         super().__init__(cfg, run_dir)
-        self._first_stage = None
+        self._first_stage: FirstStage | None = None
         self.default_feature_extractor = (
             "sparsediff-fmnist" if cfg.data.name == "fashion-mnist" else "inception-v3-compat"
         )
@@ -57,13 +63,11 @@ class LatentDiffusionTask(Task):
         return self.cfg.first_stage.kind == "none"
 
     @property
-    def first_stage(self):
+    def first_stage(self) -> FirstStage | None:
         """The frozen first stage (loaded on first use), or None in pixel space."""
         if self.pixel_space:
             return None
         if self._first_stage is None:
-            from ..models.autoencoder import FirstStage
-
             spec = self.cfg.first_stage
             if spec.kind not in ("autoencoder-kl", "pretrained"):
                 raise ConfigError(
@@ -82,6 +86,7 @@ class LatentDiffusionTask(Task):
         return self._first_stage
 
     def data_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the denoiser sees: latents, or pixels in pixel space."""
         d = self.cfg.data
         if self.pixel_space:
             return (d.channels, d.image_size, d.image_size)
@@ -128,8 +133,6 @@ class LatentDiffusionTask(Task):
 
     def encode_dataset(self, progress: bool = True) -> torch.Tensor:
         """Latents (N, c, h, w) of the training split, scaled, on the CPU."""
-        from ..data.images import build_image_dataset
-
         fs = self.first_stage
         dataset = build_image_dataset(self.cfg.data, "train")
         device = next(fs.parameters()).device
@@ -139,83 +142,54 @@ class LatentDiffusionTask(Task):
         ]
         return torch.cat(chunks)
 
-    def train_data(self, device, is_main=True, barrier=None, progress=True) -> TrainData:
-        from ..checkpoint import load_tensors, save_tensors
-
+    def prepare_train_data(self, progress: bool) -> None:
+        """Encode the training split once into a latent cache, next to the first stage (or in the run
+        directory when the first stage is read-only); nothing to do in pixel space."""
         if self.pixel_space:
-            from ..data.images import build_image_dataset
-
-            dataset = build_image_dataset(self.cfg.data, "train")
-            x = torch.cat(list(_all_images(dataset, 512, self.cfg.data.num_workers, progress=False)))
-            return TensorTrainData(x.to(device))
+            return
         path = self._cache_path()
-        if is_main and not path.exists():
+        if not path.exists():
             latents = self.encode_dataset(progress)
             tmp = path.with_suffix(f".tmp-{os.getpid()}")  # two processes may encode at once
             save_tensors(tmp, {"latents": latents}, {"scale": str(self.first_stage.scale)})
             tmp.replace(path)
-        if barrier is not None:
-            barrier()
-        latents = load_tensors(path)[0]["latents"]
+
+    def load_train_data(self, device: torch.device) -> TrainData:
+        """The training split as one tensor on ``device``: the cached latents, or pixels in pixel space."""
+        if self.pixel_space:
+            dataset = build_image_dataset(self.cfg.data, "train")
+            x = torch.cat(list(_all_images(dataset, 512, self.cfg.data.num_workers, progress=False)))
+            return TensorTrainData(x.to(device))
+        latents = load_tensors(self._cache_path())[0]["latents"]
         return TensorTrainData(latents.to(device))
-
-    # ------------------------------------------------------------------ training
-
-    def loss(self, model, batch, generator, teacher=None, distill_weight=0.0):
-        return epsilon_loss(
-            model, batch["x0"], self.schedule, generator, teacher=teacher, distill_weight=distill_weight
-        )
 
     # ------------------------------------------------------------------ sampling
 
-    @torch.no_grad()
-    def generate(
-        self, model, num, generator, *, sampler, steps, eta, batch_size, device, progress=True
-    ) -> Samples:
+    def draw_samples(self, model: nn.Module, sampling: Sampling) -> Samples:
+        """Images: latents denoised batch by batch and decoded by the first stage."""
         shape = self.data_shape()
-        images = []
-        done = 0
         fs = self.first_stage
         if fs is not None:
-            fs.to(device)
-        iterator = range(0, num, batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(iterator, desc=f"generating {num} samples", leave=False)
-        for _ in iterator:
-            n = min(batch_size, num - done)
-            z = sample(
-                model,
-                self.schedule,
-                (n, *shape),
-                sampler=sampler,
-                steps=steps,
-                eta=eta,
-                generator=generator,
-                device=device,
-                clip_x0=self.pixel_space,
-            )
+            fs.to(sampling.device)
+        images = []
+        for batch in sampling.batches("samples"):
+            z = sampling.denoise(model, self.schedule, (len(batch), *shape), clip_x0=self.pixel_space)
             x = z if fs is None else fs.decode(z)
             images.append(to_uint8(x.float().cpu()))
-            done += n
         return Samples(images=torch.cat(images))
 
-    def reference_images(self, n=None) -> torch.Tensor:
-        from ..data.images import reference_images_uint8
-
+    def reference_images(self, n: int | None = None) -> torch.Tensor:
+        """The first ``n`` validation images (all with None), uint8 (N, C, H, W)."""
         return reference_images_uint8(self.cfg.data, "val", n)
 
     def decode_flops(self) -> int:
         fs = self.first_stage
         if fs is None:
             return 0
-        from ..sparse import count_flops
-
         z = torch.zeros(1, *self.data_shape())
         return count_flops(_Decoder(fs), (z,), None, targets=[]).flops_dense
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         out = {"family": self.family, "data_shape": list(self.data_shape())}
         if self.first_stage is not None:
             out["first_stage"] = {
@@ -227,9 +201,11 @@ class LatentDiffusionTask(Task):
 
 
 class _Decoder(nn.Module):
-    def __init__(self, fs):
+    """The first stage's decoder as a module of its own (FLOP counting traces ``forward``)."""
+
+    def __init__(self, fs: FirstStage):
         super().__init__()
         self.fs = fs
 
-    def forward(self, z):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.fs.decode(z)

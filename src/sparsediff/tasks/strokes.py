@@ -15,19 +15,22 @@ the same rasteriser as the held-out references, so that FID compares like with l
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from ..config import RunConfig
-from ..diffusion import epsilon_loss, sample
+from ..data.raster import points_to_strokes, rasterize, to_svg
+from ..data.stroke_sources import build_stroke_dataset
+from ..data.strokes import MAX_LEN, StrokeDataset, from_velocity
 from ..errors import ConfigError
 from ..metrics.features import INPUT_SIZE, STROKE_LINE_WIDTH, STROKE_PADDING
-from .base import Samples, Task, TrainData
+from ..models.chirodiff import FourierTimeEmbedding
+from .base import Samples, Sampling, Task, TrainData
 
 # Rasters for FID are drawn as the stroke feature network's training images were (metrics/features.py)
 RASTER_SIZE = INPUT_SIZE  # default data.args.raster_size (32): the feature network's input size
@@ -50,9 +53,6 @@ def decode_sequence(
     ``pen_threshold``; points after the last pen lift form a final stroke. Strokes with non-finite
     coordinates (a diverged model) are dropped, so the result may be empty (a blank drawing).
     """
-    from ..data.raster import points_to_strokes
-    from ..data.strokes import from_velocity
-
     s = seq.detach().cpu().numpy() if isinstance(seq, torch.Tensor) else np.asarray(seq)
     s = s.astype(np.float64)
     if s.ndim != 2 or s.shape[1] != 3:
@@ -66,8 +66,6 @@ def decode_sequence(
 
 def rasterize_drawings(drawings: list[list[np.ndarray]], size: int, line_width: float) -> torch.Tensor:
     """uint8 (N, 1, size, size) rasters of ``drawings`` (lists of strokes), white ink on black."""
-    from ..data.raster import rasterize
-
     out = np.zeros((len(drawings), 1, size, size), dtype=np.uint8)
     for i, strokes in enumerate(drawings):
         out[i, 0] = rasterize(strokes, size=size, line_width=line_width, padding=RASTER_PADDING)
@@ -143,8 +141,6 @@ class StrokeDiffusionTask(Task):
                 f"({self.cfg.diffusion.timesteps}): the time embedding divides the step by it"
             )
         if getattr(config, "pos_encoding", None) == "learned":
-            from ..data.strokes import MAX_LEN
-
             longest = self.cfg.data.args.get("max_len", MAX_LEN)
             if longest is None or longest > config.max_len:
                 raise ConfigError(
@@ -156,9 +152,7 @@ class StrokeDiffusionTask(Task):
 
     # ------------------------------------------------------------------ data
 
-    def _dataset(self, split: str):
-        from ..data.strokes import build_stroke_dataset
-
+    def _dataset(self, split: str) -> StrokeDataset:
         return build_stroke_dataset(self.cfg.data, split)
 
     def train_lengths(self) -> np.ndarray:
@@ -171,40 +165,21 @@ class StrokeDiffusionTask(Task):
         """The median training length (rounded): the sequence length of :meth:`example_inputs`."""
         return max(1, int(round(float(np.median(self.train_lengths())))))
 
-    def train_data(
-        self,
-        device: torch.device,
-        is_main: bool = True,
-        barrier: Callable[[], None] | None = None,
-        progress: bool = True,
-    ) -> TrainData:
-        """The training split in memory (on ``device``), as :class:`SequenceTrainData`."""
-        # every rank preprocesses the (small) stroke source itself: nothing to cache or wait for
+    def load_train_data(self, device: torch.device) -> TrainData:
+        """The training split in memory (on ``device``), as :class:`SequenceTrainData`.
+
+        Every rank preprocesses the (small) stroke source itself: there is nothing to cache or wait for.
+        """
         ds = self._dataset("train")
         self._train_lengths = ds.lengths.copy()
         return SequenceTrainData([ds[i] for i in range(len(ds))], device)
 
     # ------------------------------------------------------------------ training
 
-    def loss(
-        self,
-        model: nn.Module,
-        batch: dict[str, torch.Tensor],
-        generator: torch.Generator,
-        teacher: nn.Module | None = None,
-        distill_weight: float = 0.0,
-    ) -> torch.Tensor:
-        """Epsilon MSE over the valid points only, averaged per sequence over its length, then over the batch."""
-        return epsilon_loss(
-            model,
-            batch["x0"],
-            self.schedule,
-            generator,
-            mask=batch["mask"],
-            model_kwargs={"lengths": batch["lengths"]},
-            teacher=teacher,
-            distill_weight=distill_weight,
-        )
+    def loss_options(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The loss counts the valid points only, averaged per sequence over its length, then over the
+        batch; the denoiser reads the lengths."""
+        return {"mask": batch["mask"], "model_kwargs": {"lengths": batch["lengths"]}}
 
     def example_inputs(self, model: nn.Module) -> tuple:
         """``(x, t, lengths)`` of one sequence of the median training length (FLOP counting).
@@ -221,49 +196,24 @@ class StrokeDiffusionTask(Task):
 
     # ------------------------------------------------------------------ sampling
 
-    @torch.no_grad()
-    def generate(
-        self,
-        model: nn.Module,
-        num: int,
-        generator: torch.Generator,
-        *,
-        sampler: str,
-        steps: int,
-        eta: float,
-        batch_size: int,
-        device: torch.device,
-        progress: bool = True,
-    ) -> Samples:
-        """``num`` drawings: uint8 rasters (N, 1, S, S) in ``images``; ``extras`` holds ``strokes`` (the
-        decoded drawings), ``sequences`` (the raw generated (L_i, 3) float32 arrays) and ``lengths`` (N,)."""
-        if num < 1:
-            raise ConfigError(f"the number of samples must be positive, got {num}")
+    def draw_samples(self, model: nn.Module, sampling: Sampling) -> Samples:
+        """Drawings: uint8 rasters (N, 1, S, S) in ``images``; ``extras`` holds ``strokes`` (the decoded
+        drawings), ``sequences`` (the raw generated (L_i, 3) float32 arrays) and ``lengths`` (N,)."""
         pool = torch.from_numpy(self.train_lengths())  # (M,)
         # the lengths come first from the generator, so they depend on the seed only
-        lengths = pool[torch.randint(0, len(pool), (num,), generator=generator)]  # (N,)
+        lengths = pool[torch.randint(0, len(pool), (sampling.num,), generator=sampling.generator)]  # (N,)
         sequences: list[np.ndarray] = []
-        starts = range(0, num, batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc=f"generating {num} drawings", leave=False)
-        for start in starts:
-            lens = lengths[start : start + batch_size]  # (n,)
-            lens_dev = lens.to(device)
+        for batch in sampling.batches("drawings"):
+            lens = lengths[batch.start : batch.stop]  # (n,)
+            lens_dev = lens.to(sampling.device)
 
             def eps_model(x_t: torch.Tensor, t: torch.Tensor, lens_dev=lens_dev) -> torch.Tensor:
                 return model(x_t, t, lens_dev)
 
-            x = sample(
+            x = sampling.denoise(
                 eps_model,
                 self.schedule,
                 (len(lens), int(lens.max()), 3),
-                sampler=sampler,
-                steps=steps,
-                eta=eta,
-                generator=generator,
-                device=device,
                 clip_x0=False,  # sequences are not bounded like pixels
                 variance_scale=self.cfg.sample.variance_scale,
             )  # (n, L, 3)
@@ -303,10 +253,6 @@ class StrokeDiffusionTask(Task):
         drawings = samples.extras.get("strokes")
         if drawings is None:  # samples made elsewhere: the rasters are all there is
             return super().save_samples(samples, out_dir)
-        from PIL import Image
-
-        from ..data.raster import rasterize, to_svg
-
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         width = self.raster_line_width * PREVIEW_SIZE / self.raster_size
@@ -341,8 +287,6 @@ def _fourier_buffers_not_persistent(model: nn.Module) -> None:
     architecture, not of the learned state. The trainer's EMA file holds parameters only; with ``W`` in
     the state dict, the strict load of ``ema.safetensors`` at sampling time would find it missing.
     """
-    from ..models.chirodiff import FourierTimeEmbedding
-
     for module in model.modules():
         if isinstance(module, FourierTimeEmbedding):
             module.register_buffer("W", module.W, persistent=False)

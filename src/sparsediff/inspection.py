@@ -1,8 +1,7 @@
-"""``sparsediff inspect``: per-layer density, non-zeros and FLOPs of a preset's denoiser."""
+"""Per-layer density, non-zeros and FLOPs of a preset's denoiser (what ``sparsediff inspect`` prints)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -93,22 +92,3 @@ def format_report(info: dict[str, Any]) -> str:
         f"{format_flops(info['flops_sparse'])} sparse ({info['flops_sparse'] / max(info['flops_dense'], 1):.3f}x)"
     )
     return "\n".join(lines)
-
-
-def main(args) -> int:
-    from .config import list_presets, load_raw, parse_overrides
-
-    if args.list:
-        for name in list_presets():
-            print(f"{name:<24} {load_raw(name).get('description', '')}")
-        return 0
-    info = inspect_preset(
-        args.preset,
-        sparsity=args.sparsity,
-        distribution=args.distribution,
-        include=args.include,
-        exclude=args.exclude,
-        overrides=parse_overrides(args.set),
-    )
-    print(json.dumps(info, indent=2) if args.json else format_report(info))
-    return 0

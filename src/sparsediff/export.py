@@ -1,4 +1,4 @@
-"""``sparsediff export``: a run's final sparse denoiser as a file to deploy.
+"""A run's final sparse denoiser as a file to deploy (what ``sparsediff export`` runs).
 
 Two formats:
 
@@ -15,7 +15,7 @@ The output is a directory:
     model.safetensors    the masked dense weights in the export dtype (format "sparsediff.semi-structured/1")
     plan.json            which weights are converted and why the others stay dense
     verification.json    the output check: relative L2 and max differences, tolerance, passed
-    config.yaml          the run's config
+    RunDir.CONFIG        the run's config
 
 Why not the compressed tensors themselves: a ``SparseSemiStructuredTensor`` is a tensor subclass without
 storage of its own (``_make_wrapper_subclass`` around ``packed`` / ``meta`` tensors), so safetensors
@@ -28,14 +28,14 @@ fraction of a second per layer).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checkpoint import MODEL_FILE, load_state_checked, load_tensors, model_tensors, save_tensors
 from .errors import ConfigError, StateError
-from .sample import final_nm_pattern, load_masked_model
+from .run import RunDir, load_masked_model
 
 if TYPE_CHECKING:
     import torch
@@ -74,7 +74,7 @@ def _counts(cfg: RunConfig, model: nn.Module) -> dict[str, Any]:
     total = sum(p.numel() for p in model.parameters())
     zeros = sum(int((p == 0).sum()) for p in targets.values())
     out: dict[str, Any] = {"params_total": total, "params_nonzero": total - zeros}
-    pattern = final_nm_pattern(cfg)
+    pattern = s.final_nm_pattern()
     if pattern is not None:
         nm = parse_nm(pattern)
         bad = nm_violations(model, nm.n, nm.m, s.include or None, s.exclude or None)
@@ -99,9 +99,6 @@ def export_masked_dense(
     Args:
         dtype: ``fp32``, ``fp16`` or ``bf16``; by default the weights' own (float32).
     """
-    from .checkpoint import save_tensors
-    from .train import model_tensors
-
     cfg, model, info = load_masked_model(run_dir, use_ema)
     dt = _dtype(dtype)
     if dt is not None:
@@ -173,12 +170,11 @@ def export_semi_structured(
     import torch
 
     from .sparse import plan_semi_structured, to_semi_structured
-    from .train import model_tensors
 
     if dtype not in DEFAULT_TOLERANCE:
         raise ConfigError(f"semi-structured export needs --dtype fp16 or bf16, got {dtype!r}")
     cfg, model, info = load_masked_model(run_dir, use_ema)
-    pattern = final_nm_pattern(cfg)
+    pattern = cfg.sparse.final_nm_pattern()
     if pattern is None:
         raise ConfigError(
             f"{run_dir} is not N:M-sparse (sparse.method={cfg.sparse.method}); semi-structured export needs "
@@ -254,8 +250,6 @@ def export_semi_structured(
             f"{vs_dense['rel_l2']:.3g} > {allowed:.3g}); nothing but {out / 'verification.json'} and "
             f"{out / 'plan.json'} was written"
         )
-    from .checkpoint import save_tensors
-
     info.update(
         {
             "format": SEMI_STRUCTURED_FORMAT,
@@ -264,8 +258,8 @@ def export_semi_structured(
             "converted": sorted(converted),
         }
     )
-    save_tensors(out / "model.safetensors", dense_weights, _metadata(cfg, info))
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    save_tensors(out / MODEL_FILE, dense_weights, _metadata(cfg, info))
+    (out / RunDir.CONFIG).write_text(cfg.to_yaml())
     return {**info, "out": str(out), "verification": verification}
 
 
@@ -297,13 +291,11 @@ def load_export(
     import torch
     import yaml
 
-    from .checkpoint import load_tensors
     from .config import config_from_dict
     from .models import build_model
-    from .train import load_state_checked
 
     path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
+    file = path / MODEL_FILE if path.is_dir() else path
     if not file.exists():
         raise StateError(f"{path} is not a sparsediff export (no {file.name})")
     tensors, meta = load_tensors(file)
@@ -324,63 +316,3 @@ def load_export(
 
         to_semi_structured(model, None, getattr(torch, info["dtype"]))
     return cfg, model, info
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``sparsediff export`` to the command line's sub-commands."""
-    p = sub.add_parser(
-        "export",
-        help="export a run's sparse denoiser: masked dense (safetensors) or 2:4 semi-structured (CUDA)",
-        description=(
-            "masked-dense: the run's weights with the final masks folded in, one safetensors file (CPU). "
-            "semi-structured: 2:4 Linear layers converted to torch's semi-structured sparse tensors on a "
-            "CUDA GPU, checked against the masked dense model; writes a directory (model.safetensors, "
-            "plan.json, verification.json, config.yaml)."
-        ),
-    )
-    p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    p.add_argument(
-        "--dtype",
-        choices=list(DTYPES),
-        help="masked-dense: weights dtype (default float32); semi-structured: fp16 (default) or bf16",
-    )
-    p.add_argument(
-        "--out", required=True, help="masked-dense: a .safetensors file; semi-structured: a directory"
-    )
-    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
-    p.add_argument("--batch-size", type=int, default=2, help="semi-structured: inputs of the output check")
-    p.add_argument("--tolerance", type=float, help="semi-structured: allowed relative L2 difference")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=cmd_export)
-    return p
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    if args.format == "masked-dense":
-        info = export_masked_dense(args.run, args.out, args.dtype, use_ema=not args.no_ema)
-        line = (
-            f"masked dense weights ({info['dtype']}, {info['params_nonzero']:,} of {info['params_total']:,} "
-            f"non-zero) written to {info['out']}"
-        )
-    else:
-        info = export_semi_structured(
-            args.run,
-            args.out,
-            args.dtype or "fp16",
-            use_ema=not args.no_ema,
-            batch_size=args.batch_size,
-            tolerance=args.tolerance,
-        )
-        v = info["verification"]
-        line = (
-            f"{v['converted_layers']} Linear layers converted to 2:4 ({v['backend']}, {v['dtype']}; "
-            f"{100 * v['flops_share_converted']:.1f} % of the forward FLOPs), outputs within "
-            f"{v['semi_structured_vs_masked_dense']['rel_l2']:.2g} relative L2 of the masked dense model; "
-            f"written to {info['out']}"
-        )
-    print(json.dumps(info, indent=2) if args.json else line)
-    return 0

@@ -1,0 +1,103 @@
+"""``sparsify``: build the engine a :class:`SparseSpec` asks for (the one place that knows both engines)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError
+from .base import Engine
+from .engine import SparseEngine
+from .nm import parse_progressive
+from .nm_engine import NMSparseEngine
+from .schedule import UpdateSchedule, resolve_end_step
+from .spec import NM_METHODS, SPARSIFY_DEFAULTS, SparseSpec
+from .targets import as_list
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(SparseSpec))
+_NM_ONLY = ("nm", "srste_lambda", "progressive")
+
+
+def sparsify(
+    model: nn.Module,
+    optimizer: Any | None = None,
+    spec: SparseSpec | None = None,
+    *,
+    total_steps: int | None = None,
+    **fields: Any,
+) -> Engine:
+    """Make ``model`` sparse from now on and return the engine that keeps it so.
+
+    Either pass a :class:`SparseSpec` (a run config's ``cfg.sparse``) or its fields as keywords; keywords
+    override the spec's fields (a keyword given as ``None`` keeps the spec's value). Without a spec the
+    fields start from :data:`SPARSIFY_DEFAULTS` (``method="rigl"``, ``sparsity=0.9``)::
+
+        engine = sparsify(model, optimizer, method="rigl", sparsity=0.9, total_steps=10_000)
+        engine = sparsify(model, optimizer, cfg.sparse, total_steps=steps)
+
+    Args:
+        model: any ``nn.Module`` (DDP and ``torch.compile`` wrappers are looked through).
+        optimizer: the optimiser that trains ``model``; ``None`` builds an engine for inspection only.
+        spec: the settings; see :class:`SparseSpec` for every field. ``method`` is ``"dense"`` (no masks),
+            ``"static"`` (random mask fixed at the start), ``"rigl"`` (drop by magnitude, grow by
+            dense-gradient magnitude), ``"magran"`` (drop by magnitude, grow at random), all giving a
+            :class:`SparseEngine`, or ``"srste"`` (N:M masks recomputed every forward pass, SR-STE
+            gradients: an :class:`NMSparseEngine`; ``nm``, ``srste_lambda``, ``progressive``,
+            ``nm_incompatible``, ``include`` and ``exclude`` apply to it).
+        total_steps: training length; RigL and MagRan stop updating at ``end_fraction * total_steps``
+            unless ``end_step`` is given (``end_step="never"`` keeps updating, with constant decay).
+        fields: :class:`SparseSpec` fields. ``include`` / ``exclude`` also take one comma-separated string.
+            ``nm``, ``srste_lambda`` and ``progressive`` given as keywords are refused for a method other
+            than ``srste``; ``nm`` and ``progressive`` are exclusive (a progressive schedule names its own
+            patterns; with a spec whose ``progressive`` is set, ``nm`` is not used).
+
+    Raises:
+        ConfigError: a setting is invalid (the message names it), or ``method="oneshot"``, which is not
+            an engine: prune with :func:`~sparsediff.sparse.one_shot_nm` or ``sparsediff finetune
+            --method oneshot``.
+    """
+    unknown = sorted(set(fields) - _FIELDS)
+    if unknown:
+        raise TypeError(f"sparsify() got an unexpected keyword argument {unknown[0]!r}")
+    if spec is not None and not isinstance(spec, SparseSpec):
+        raise TypeError(f"sparsify() takes a SparseSpec as its spec, got {type(spec).__name__}")
+    given = {k: v for k, v in fields.items() if v is not None}
+    base = SPARSIFY_DEFAULTS if spec is None else spec
+    method = given.get("method", base.method)
+    if method == "oneshot":
+        raise ConfigError(
+            "method 'oneshot' prunes once without training, so it has no engine: call "
+            "sparsediff.sparse.one_shot_nm(model, n, m) or run `sparsediff finetune --method oneshot`"
+        )
+    for key in ("include", "exclude"):
+        if key in given:
+            given[key] = as_list(given[key])
+    if method in NM_METHODS:
+        if "nm" in given and "progressive" in given:
+            raise ConfigError("give either nm (a fixed N:M pattern) or progressive (a schedule), not both")
+        if "progressive" in given:
+            parse_progressive(given["progressive"])  # a string or an empty list is refused here
+            given["progressive"] = list(given["progressive"])
+        elif "nm" in given:
+            given["progressive"] = []  # a fixed pattern given now replaces the spec's schedule
+    else:
+        extra = [k for k in _NM_ONLY if k in given]
+        if extra:
+            raise ConfigError(
+                f"nm, srste_lambda and progressive apply to method='srste' only, not {method!r}"
+            )
+    resolved = base.replace(**given)
+    resolved.validate(None, need_sparsity=False)
+    if resolved.structured:
+        return NMSparseEngine(model, optimizer, resolved)
+    if resolved.method == "dense":
+        resolved.sparsity = 0.0
+    if resolved.dynamic:
+        resolved.end_step = resolve_end_step(resolved.end_step, total_steps, resolved.end_fraction)
+        # the schedule's own checks (cosine decay needs an end), with the user's values
+        UpdateSchedule(resolved.prune_ratio, resolved.update_every, resolved.end_step, resolved.decay)
+    else:
+        resolved.end_step = None
+    return SparseEngine(model, optimizer, resolved)

@@ -1,0 +1,368 @@
+"""The engine contract: what every sparse engine offers, the report types, and the helpers both share.
+
+:class:`Engine` is the base class of the unstructured :class:`~sparsediff.sparse.engine.SparseEngine`
+(static, RigL, MagRan) and the N:M :class:`~sparsediff.sparse.nm_engine.NMSparseEngine` (SR-STE). A
+training loop, a FLOP counter or an exporter uses only the members declared here, whatever engine it
+holds:
+
+- ``names``, ``masks``, ``budgets``, ``densities``: the target weights and their masks;
+- ``step_count``, ``num_updates`` (0 for static and dense), ``pattern`` (``"2:4"`` for N:M, else None),
+  ``end_step`` (last topology-update step, or None), ``new_connections()``;
+- ``step()`` after each optimiser step, ``mask_gradients()`` before clipping, ``track_weight_uses()``;
+- ``report()``, ``check_invariants()``, ``state_dict()`` / ``load_state_dict()``, ``remove()``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, StateError
+from .spec import SparseSpec
+from .targets import select_targets, unwrap_model
+
+# ---------------------------------------------------------------------------------------------- reports
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    active: int  # positions the mask keeps (== budget)
+    nonzero: int  # entries that are literally non-zero now (just-grown weights are still 0)
+    budget: int
+    density: float  # active / numel
+
+
+@dataclass
+class DensityReport:
+    """Per-layer and total density of the sparsified weights and of the whole model."""
+
+    layers: list[LayerReport]
+    params_total: int  # every parameter of the model
+    params_nonzero: int  # active entries of targets + every entry of the other parameters
+    target_total: int  # entries of the sparsified weights
+    target_nonzero: int  # active entries of the sparsified weights
+
+    @property
+    def density(self) -> float:
+        return self.params_nonzero / max(self.params_total, 1)
+
+    @property
+    def target_density(self) -> float:
+        return self.target_nonzero / max(self.target_total, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "layers"}
+        d["density"] = self.density
+        d["target_density"] = self.target_density
+        d["layers"] = [asdict(layer) for layer in self.layers]
+        return d
+
+    def __str__(self) -> str:
+        w = max([len(layer.name) for layer in self.layers] + [5])
+        lines = [f"{'layer':<{w}}  {'shape':<22} {'density':>8} {'active':>12} {'total':>12}"]
+        for layer in self.layers:
+            shape = "x".join(map(str, layer.shape))
+            lines.append(
+                f"{layer.name:<{w}}  {shape:<22} {layer.density:>8.4f} {layer.active:>12,} {layer.numel:>12,}"
+            )
+        lines.append(
+            f"{'sparsified weights':<{w}}  {'':<22} {self.target_density:>8.4f} "
+            f"{self.target_nonzero:>12,} {self.target_total:>12,}"
+        )
+        lines.append(
+            f"{'whole model':<{w}}  {'':<22} {self.density:>8.4f} {self.params_nonzero:>12,} {self.params_total:>12,}"
+        )
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed from ``seed`` and labels; the same on every process and platform."""
+    text = "/".join([str(seed), *map(str, parts)]).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The innermost ``torch.optim.Optimizer`` of a wrapper (accelerate's ``AcceleratedOptimizer``...)."""
+    opt = optimizer
+    for _ in range(16):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            opt = inner
+        else:
+            break
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise ConfigError(
+            f"sparsify() needs a torch.optim.Optimizer (or a wrapper exposing one as .optimizer), "
+            f"got {type(optimizer).__name__}"
+        )
+    return opt
+
+
+def dist_world() -> tuple[bool, int, int]:
+    """``(distributed, rank, world size)``: distributed only with an initialised group of >= 2 processes."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return True, dist.get_rank(), dist.get_world_size()
+    return False, 0, 1
+
+
+# ---------------------------------------------------------------------------------------------- contract
+
+
+class Engine(abc.ABC):
+    """Masks for the target weights of one model, kept true through a training loop.
+
+    Build one with :func:`sparsediff.sparsify`. Attributes every engine has:
+        spec: the :class:`SparseSpec` it was built from (resolved: ``end_step`` is a step or None).
+        model: the user's module (DDP / ``torch.compile`` wrappers looked through).
+        optimizer: the innermost ``torch.optim.Optimizer``, or None for an inspection-only engine.
+        names: target parameter names carrying a mask, in model order.
+        step_count: optimiser steps taken (skipped mixed-precision steps do not count).
+        num_updates: mask updates done (topology updates, N:M pattern changes; 0 for static and dense).
+        stats: running counters (``idle_calls``: ``step()`` calls without an optimiser step before them).
+    """
+
+    METHODS: ClassVar[tuple[str, ...]]  # the methods this engine implements
+    STATE_FORMAT: ClassVar[str]  # the format marker of state_dict()
+    STATE_LABEL: ClassVar[str] = "engine"  # how error messages name this engine's state
+    STATE_KEYS: ClassVar[tuple[str, ...]] = ("method",)  # spec fields a loaded state must agree on
+
+    def __init__(self, model: nn.Module, optimizer: Any | None, spec: SparseSpec):
+        if spec.method not in self.METHODS:
+            raise ConfigError(
+                f"{type(self).__name__} implements method {' / '.join(self.METHODS)}, not {spec.method!r}; "
+                "build engines with sparsediff.sparsify()"
+            )
+        spec.validate(None, need_sparsity=False)
+        self.spec = spec.for_engine()
+        self.model = unwrap_model(model)
+        self.optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
+        self.names: list[str] = []
+        self.step_count = 0
+        self.num_updates = 0
+        self.stats: dict[str, int] = {"idle_calls": 0}
+        self._params: dict[str, nn.Parameter] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._opt_steps = 0  # counted by an optimiser step hook
+        self._hooks: list[Any] = []
+
+    def _select_targets(self) -> list[tuple[str, nn.Parameter]]:
+        return select_targets(self.model, self.spec.include or None, self.spec.exclude or None)
+
+    def _check_optimizer(self, what: str) -> None:
+        """Refuse a target the optimiser does not update (its mask could never be kept by the hooks)."""
+        if self.optimizer is None:
+            return
+        in_opt = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        for name in self.names:
+            p = self._params[name]
+            if p.requires_grad and id(p) not in in_opt:
+                raise ConfigError(
+                    f"parameter {name!r} is {what} but the optimiser does not update it; "
+                    "add it to the optimiser or exclude it"
+                )
+
+    # ------------------------------------------------------------------ masks
+
+    @property
+    @abc.abstractmethod
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Layer name -> bool mask (True = active)."""
+
+    @property
+    @abc.abstractmethod
+    def budgets(self) -> dict[str, int]:
+        """Layer name -> number of weights the mask keeps."""
+
+    @property
+    @abc.abstractmethod
+    def densities(self) -> dict[str, float]:
+        """Layer name -> density of the layer."""
+
+    @property
+    def pattern(self) -> str | None:
+        """The N:M pattern in force (``"2:4"``), or None for unstructured masks."""
+        return None
+
+    @property
+    def end_step(self) -> int | None:
+        """The last step with a topology update, or None when there is none or no end."""
+        return None
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The target parameters, in model order."""
+        for name in self.names:
+            yield name, self._params[name]
+
+    def mask_gradients(self) -> None:  # noqa: B027 (optional: a no-op unless overridden)
+        """Zero the gradients of masked weights (call before gradient clipping); a no-op where the
+        method updates every weight."""
+
+    def new_connections(self) -> int:
+        """Weights grown from zero by a topology update in the step just taken (0 without one)."""
+        return 0
+
+    @contextlib.contextmanager
+    def track_weight_uses(self, callback: Callable[[str, torch.Tensor | None], None]) -> Iterator[None]:
+        """Within the block, ``callback(name, tensor)`` runs when a masked copy of a weight is put in
+        place of its Parameter, ``callback(name, None)`` when it is taken out again (for FLOP
+        attribution); engines that mask the Parameter in place never call it."""
+        yield
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> bool:
+        """Call once after each ``optimizer.step()``. Returns whether the masks changed.
+
+        Does nothing (and returns False) when the optimiser did not actually step since the last call,
+        as after a mixed-precision step whose gradients overflowed, or a gradient-accumulation micro-step.
+        """
+        if self.optimizer is None:
+            raise ConfigError("this engine was built without an optimiser (inspection only); it cannot step")
+        if self._opt_steps == self.step_count:
+            self.stats["idle_calls"] += 1
+            self._end_step(idle=True)
+            return False
+        changed = False
+        while self.step_count < self._opt_steps:  # normally exactly one step
+            self.step_count += 1
+            changed |= self._advance(self.step_count)
+        self._end_step(idle=False)
+        return changed
+
+    @abc.abstractmethod
+    def _advance(self, step: int) -> bool:
+        """Bring the masks to optimiser step ``step``; whether they changed."""
+
+    def _end_step(self, idle: bool) -> None:  # noqa: B027 (optional hook)
+        """Forget per-step state once ``step()`` is done (``idle``: no optimiser step happened)."""
+
+    # ------------------------------------------------------------------ reports
+
+    def _effective_weight(self, name: str, mask: torch.Tensor) -> torch.Tensor:
+        """The weight the forward pass uses (its non-zeros are counted in reports)."""
+        return self._params[name].detach()
+
+    def _make_report(self, **fields: Any) -> DensityReport:
+        return DensityReport(**fields)
+
+    def report(self) -> DensityReport:
+        """Per-layer and total density from the masks (active positions), with measured non-zeros."""
+        masks, budgets = self.masks, self.budgets
+        layers = []
+        for name in self.names:
+            p, mask = self._params[name], masks[name]
+            active = int(mask.count_nonzero())
+            nonzero = int(torch.count_nonzero(self._effective_weight(name, mask)))
+            numel = p.numel()
+            layers.append(
+                LayerReport(name, tuple(p.shape), numel, active, nonzero, budgets[name], active / numel)
+            )
+        params_total = sum(p.numel() for p in self.model.parameters())
+        target_total = sum(layer.numel for layer in layers)
+        target_nonzero = sum(layer.active for layer in layers)
+        return self._make_report(
+            layers=layers,
+            params_total=params_total,
+            params_nonzero=params_total - target_total + target_nonzero,
+            target_total=target_total,
+            target_nonzero=target_nonzero,
+        )
+
+    @abc.abstractmethod
+    def check_invariants(self) -> list[str]:
+        """Problems found (empty when every invariant holds)."""
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (tensors on the CPU, the rest JSON-serialisable)."""
+        return {
+            "format": self.STATE_FORMAT,
+            "config": self.spec.to_dict(),
+            "step": self.step_count,
+            "num_updates": self.num_updates,
+            **self._state_extra(),
+        }
+
+    @abc.abstractmethod
+    def _state_extra(self) -> dict[str, Any]:
+        """What this engine adds to :meth:`state_dict`."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved.
+
+        Raises:
+            StateError: the state comes from another kind of engine, from one with other settings, or
+                from a model whose target layers or their shapes differ (the layer is named).
+        """
+        label = self.STATE_LABEL
+        if not isinstance(state, Mapping) or state.get("format") != self.STATE_FORMAT:
+            raise StateError(
+                f"not a sparsediff {label} state dict (missing format marker {self.STATE_FORMAT!r})"
+            )
+        saved = state.get("config", {})
+        for key in self.STATE_KEYS:
+            mine = getattr(self.spec, key)
+            if key in saved and saved[key] != mine:
+                raise StateError(
+                    f"{label} state was saved with {key}={saved[key]!r} but this engine has {key}={mine!r}"
+                )
+        self._check_state(state)
+        self._check_layers(self._saved_shapes(state))
+        step = state.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise StateError(f"{label} state has an invalid step {step!r}")
+        self._restore(state, step)
+        self.step_count = self._opt_steps = step
+        self.num_updates = int(state.get("num_updates", 0))
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """Engine-specific checks of a state before anything is restored."""
+
+    @abc.abstractmethod
+    def _saved_shapes(self, state: Mapping[str, Any]) -> Mapping[str, Sequence[int]]:
+        """Layer name -> shape, as the state records them."""
+
+    @abc.abstractmethod
+    def _restore(self, state: Mapping[str, Any], step: int) -> None:
+        """Restore the engine-specific part of a checked state (may check more first)."""
+
+    def _check_layers(self, saved: Mapping[str, Sequence[int]]) -> None:
+        """The state's layers must be this engine's, with the same shapes."""
+        prefix = f"{self.STATE_LABEL} state does not match this model: "
+        missing = [n for n in self.names if n not in saved]
+        unexpected = [n for n in saved if n not in self._params]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing layer(s) {', '.join(missing[:5])}")
+            if unexpected:
+                parts.append(f"unexpected layer(s) {', '.join(unexpected[:5])}")
+            raise StateError(prefix + "; ".join(parts))
+        for name in self.names:
+            if tuple(saved[name]) != self._shapes[name]:
+                raise StateError(
+                    f"{prefix}layer {name!r} has shape {tuple(saved[name])} in the state but "
+                    f"{self._shapes[name]} in the model"
+                )
+
+    def remove(self) -> None:
+        """Detach the engine's hooks."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
