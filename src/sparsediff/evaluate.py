@@ -44,8 +44,10 @@ def evaluate_run(
     use_ema: bool = True,
     device: str | None = None,
     quiet: bool = False,
+    backend: str = "dense",
 ) -> dict[str, Any]:
-    """Generate samples, compute FID against the held-out split, count parameters and FLOPs."""
+    """Generate samples, compute FID against the held-out split, count parameters and FLOPs, and record
+    the measured sampling time (``generate_seconds``) of ``backend`` next to the FLOPs."""
     from .metrics import compute_fid
 
     run = RunDir(run_dir)
@@ -54,7 +56,7 @@ def evaluate_run(
     cfg = run.load_config()
     num = num_samples or cfg.eval.num_samples
     samples, info, task = generate(
-        run_dir, num, sampler, steps, eta, seed, use_ema, cfg.eval.batch_size, device, not quiet
+        run_dir, num, sampler, steps, eta, seed, use_ema, cfg.eval.batch_size, device, not quiet, backend
     )
     sample_seconds = time.perf_counter() - t0
     ext = _extractor(task, extractor, fid_weights)
@@ -109,6 +111,8 @@ def evaluate_run(
         "train_seconds": summary.get("train_seconds"),
         "train_steps": summary.get("steps"),
         "sample_seconds": sample_seconds,
+        "backend": info["backend"],
+        "generate_seconds": info["generate_seconds"],
         "grid": str(grid),
     }
     run.write_eval(result)  # atomic: a reader never sees half a file

@@ -3,20 +3,53 @@
 The model is rebuilt from the run's config and its latest checkpoint by ``run.load_for_inference``; by
 default the EMA weights are used, multiplied by the final masks, so the sampled model has exactly the
 run's non-zeros.
+
+``backend="sparse"`` (``--backend sparse``) samples with the same model on compressed weights through
+sparsediff's native CPU kernels (:func:`sparsediff.sparse.runtime.to_sparse_inference`): the same samples
+within float32 tolerance, faster where the layers are sparse enough to gain (denser layers stay dense).
+The backend and the measured generation time are recorded with the samples.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .data import raster
+from .errors import ConfigError
 from .run import RunDir, load_for_inference
+from .sparse.runtime import BACKENDS, kernels, sparse_layers, to_sparse_inference
 from .tasks import Samples
+
+
+def use_backend(model: torch.nn.Module, backend: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``model`` ready to sample with ``backend``, and what was done (recorded with the samples).
+
+    ``"sparse"`` converts the (masked) model in place: every layer sparse enough to gain computes on
+    compressed weights; the others stay dense. Its zeros define the sparsity, so apply the run's final
+    masks first (``load_for_inference`` does).
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "dense":
+        return model, {"backend": "dense"}
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ConfigError(
+            f"--backend sparse runs on the CPU (sparsediff's native kernels); the model is on {device}: "
+            "add --device cpu"
+        )
+    model = to_sparse_inference(model, inplace=True)
+    return model, {
+        "backend": "sparse",
+        "native_kernels": kernels() is not None,
+        "sparse_layers": len(sparse_layers(model)),
+    }
 
 
 def generate(
@@ -30,14 +63,20 @@ def generate(
     batch_size: int | None = None,
     device: str | None = None,
     progress: bool = True,
+    backend: str = "dense",
 ) -> tuple[Samples, dict[str, Any], Any]:
-    """Samples from a run: ``(samples, info, task)``."""
+    """Samples from a run: ``(samples, info, task)``; ``info["generate_seconds"]`` is the measured
+    wall-clock of generating them (model loading excluded) with ``backend``."""
     cfg, task, model, info = load_for_inference(run_dir, use_ema, device)
+    model_device = next(model.parameters()).device
+    model, backend_info = use_backend(model, backend)
+    info.update(backend_info)
     s = cfg.sample
     sampler = sampler or s.sampler
     steps = steps or s.steps
     eta = s.eta if eta is None else eta
     gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
     samples = task.generate(
         model,
         num,
@@ -46,11 +85,12 @@ def generate(
         steps=steps,
         eta=eta,
         batch_size=batch_size or s.batch_size,
-        device=next(model.parameters()).device,
+        device=model_device,
         progress=progress,
     )
     info.update(
         {
+            "generate_seconds": time.perf_counter() - t0,
             "num": num,
             "sampler": sampler,
             "steps": steps if sampler == "ddim" else task.schedule.num_timesteps,
@@ -80,10 +120,11 @@ def sample_run(
     batch_size: int | None = None,
     device: str | None = None,
     quiet: bool = False,
+    backend: str = "dense",
 ) -> dict[str, Any]:
     """Generate ``num`` samples into ``out`` (default ``RUN/samples/<sampler>-<steps>-seed<seed>``)."""
     samples, info, task = generate(
-        run_dir, num, sampler, steps, eta, seed, use_ema, batch_size, device, not quiet
+        run_dir, num, sampler, steps, eta, seed, use_ema, batch_size, device, not quiet, backend
     )
     out = Path(out) if out else RunDir(run_dir).samples_dir / f"{info['sampler']}-{info['steps']}-seed{seed}"
     paths = task.save_samples(samples, out)

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from ..config import RunConfig, deep_update, load_config, parse_overrides
 from ..diffusion.samplers import SAMPLERS
 from ..sparse.distribution import DISTRIBUTIONS
+from ..sparse.runtime import BACKENDS
 from ..sparse.spec import METHODS
 
 T = TypeVar("T")
@@ -66,6 +67,12 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
         "--no-ema", dest="use_ema", action="store_false", help="use the raw weights instead of the EMA"
     )
     p.add_argument("--device", help="e.g. cuda:1 (default: CUDA when available, else the CPU)")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="dense",
+        help="dense: masked dense weights; sparse: compressed weights through the native CPU kernels",
+    )
 
 
 def add_run_option(p: argparse.ArgumentParser, help: str = "run directory") -> None:

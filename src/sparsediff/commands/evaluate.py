@@ -36,6 +36,6 @@ def run(args: argparse.Namespace) -> int:
         result,
         f"{fid['metric']} = {fid['value']:.3f} ({result['num_samples']} samples vs {result['num_reference']} "
         f"held-out); non-zero params {result['params_nonzero']:,} / {result['params_total']:,}; "
-        f"written to {RunDir(args.run_dir).eval_path}",
+        f"sampling {result['generate_seconds']:.1f} s ({result['backend']} backend); written to {RunDir(args.run_dir).eval_path}",
     )
     return 0

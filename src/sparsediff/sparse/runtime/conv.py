@@ -1,0 +1,110 @@
+"""Sparse convolutions for inference: direct sparse convolution through the native kernel (no im2col)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .native import native_for
+
+PARALLEL_GRAIN = 1 << 18  # multiply-adds below which a call runs on one thread
+
+
+def convertible(conv: nn.Module) -> bool:
+    """Whether the kernel computes this convolution exactly: Conv1d/Conv2d, stride 1, groups 1, zero padding
+    given as numbers (not ``"same"``/``"valid"`` strings)."""
+    return (
+        type(conv) in (nn.Conv1d, nn.Conv2d)
+        and all(s == 1 for s in conv.stride)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    )
+
+
+class SparseConv(nn.Module):
+    """A ``Conv1d``/``Conv2d`` (stride 1, groups 1) whose sparse kernel is stored by output channel (CSR).
+
+    float32 CPU inputs go through the native direct sparse convolution; anything else (other dtypes, CUDA,
+    autograd, no kernels) through ``F.conv1d``/``F.conv2d`` with the rebuilt dense weight.
+    """
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, mask: torch.Tensor | None = None):
+        super().__init__()
+        if not convertible(conv):
+            raise ValueError(f"SparseConv supports stride 1, groups 1, zero padding; got {conv}")
+        w = conv.weight.detach().to(torch.float32, copy=True).cpu()
+        if mask is not None:
+            w = w * mask.to(w.dtype).cpu()
+        self.dims = w.dim() - 2  # 1 or 2
+        self.weight_shape = tuple(w.shape)
+        w2 = w if self.dims == 2 else w.unsqueeze(2)  # (O, C, KH, KW)
+        self.out_channels, self.in_channels, self.kh, self.kw = w2.shape
+        pad, dil = tuple(conv.padding), tuple(conv.dilation)
+        self.ph, self.pw = pad if self.dims == 2 else (0, pad[0])
+        self.dh, self.dw = dil if self.dims == 2 else (1, dil[0])
+        flat = w2.reshape(self.out_channels, -1)  # column = c * KH * KW + ky * KW + kx
+        active = flat != 0
+        row_ptr = torch.zeros(self.out_channels + 1, dtype=torch.int64)
+        row_ptr[1:] = torch.cumsum(active.sum(1), 0)
+        self.register_buffer("row_ptr", row_ptr)
+        self.register_buffer("taps", active.nonzero()[:, 1].to(torch.int32))
+        self.register_buffer("values", flat[active].contiguous())
+        b = conv.bias
+        self.register_buffer("bias", None if b is None else b.detach().to(torch.float32).cpu().clone())
+        self._dense: torch.Tensor | None = None
+
+    @property
+    def density(self) -> float:
+        return self.values.numel() / max(1, self.out_channels * self.in_channels * self.kh * self.kw)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense (masked) weight in the original layer's shape, rebuilt and cached."""
+        if self._dense is None:
+            flat = torch.zeros(self.out_channels, self.in_channels * self.kh * self.kw)
+            rows = torch.repeat_interleave(
+                torch.arange(self.out_channels), self.row_ptr[1:] - self.row_ptr[:-1]
+            )
+            flat[rows, self.taps.long()] = self.values
+            self._dense = flat.reshape(self.weight_shape)
+        return self._dense
+
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dense_weight().to(x.device, x.dtype)
+        b = None if self.bias is None else self.bias.to(x.device, x.dtype)
+        if self.dims == 2:
+            return F.conv2d(x, w, b, padding=(self.ph, self.pw), dilation=(self.dh, self.dw))
+        return F.conv1d(x, w, b, padding=self.pw, dilation=self.dw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mod = native_for(x)
+        if mod is None:
+            return self._dense_forward(x)
+        x4 = x if self.dims == 2 else x.unsqueeze(-2)
+        unbatched = x4.dim() == 3
+        if unbatched:
+            x4 = x4.unsqueeze(0)
+        y = mod.sparse_conv2d(
+            x4,
+            self.row_ptr,
+            self.taps,
+            self.values,
+            torch.empty(0) if self.bias is None else self.bias,
+            self.kh,
+            self.kw,
+            self.ph,
+            self.pw,
+            self.dh,
+            self.dw,
+            PARALLEL_GRAIN,
+        )
+        if unbatched:
+            y = y.squeeze(0)
+        return y if self.dims == 2 else y.squeeze(-2)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel=({self.kh}, {self.kw}), "
+            f"padding=({self.ph}, {self.pw}), dilation=({self.dh}, {self.dw}), density={self.density:.3f}"
+        )

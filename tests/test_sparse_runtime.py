@@ -1,0 +1,256 @@
+"""The sparse inference runtime: native SpMM against the masked dense computation, and the fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from sparsediff.sparse.runtime import (
+    SparseConv,
+    SparseGRU,
+    SparseLinear,
+    kernels,
+    native,
+    to_sparse_inference,
+)
+
+
+@pytest.fixture(scope="module")
+def built():
+    mod = kernels()
+    if mod is None:
+        pytest.fail("the native kernels did not build on this machine (g++ and ninja are installed by make)")
+    return mod
+
+
+def _masked_linear(m: int, k: int, density: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, m)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(m, k, generator=g))
+        lin.bias.copy_(torch.randn(m, generator=g))
+    mask = torch.rand(m, k, generator=g) < density
+    if m > 2:
+        mask[1] = False  # an empty row
+    return lin, mask
+
+
+@given(
+    m=st.integers(1, 200),
+    k=st.integers(1, 150),
+    n=st.integers(1, 140),
+    density=st.sampled_from([0.0, 0.03, 0.1, 0.37, 1.0]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_spmm_matches_masked_dense(built, m, k, n, density, bias, seed):
+    lin, mask = _masked_linear(m, k, density, seed)
+    layer = SparseLinear(lin.weight, lin.bias if bias else None, mask)
+    x = torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        got = layer(x)
+    want = F.linear(x, lin.weight * mask, lin.bias if bias else None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_leading_dims_non_contiguous_and_batch_one(built):
+    lin, mask = _masked_linear(96, 64, 0.1, 0)
+    layer = SparseLinear(lin.weight, lin.bias, mask)
+    w = lin.weight * mask
+    x = torch.randn(3, 64, 5).transpose(1, 2)  # (3, 5, 64), not contiguous
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, w, lin.bias), rtol=1e-5, atol=1e-4)
+        one = torch.randn(1, 64)
+        torch.testing.assert_close(layer(one), F.linear(one, w, lin.bias), rtol=1e-5, atol=1e-4)
+
+
+def test_autograd_and_other_dtypes_use_the_dense_weight(built):
+    lin, mask = _masked_linear(16, 8, 0.5, 3)
+    layer = SparseLinear(lin.weight, lin.bias, mask)
+    x = torch.randn(4, 8, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, (lin.weight * mask).sum(0).expand(4, 8))
+    xd = torch.randn(4, 8, dtype=torch.float64)
+    torch.testing.assert_close(
+        layer(xd), F.linear(xd, (lin.weight * mask).double(), lin.bias.double()), rtol=1e-6, atol=1e-6
+    )
+
+
+class _Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_to_sparse_inference_keeps_forward_and_leaves_dense_layers(built):
+    import sparsediff
+
+    torch.manual_seed(0)
+    model = _Mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = sparsediff.sparsify(model, opt, method="static", sparsity=0.9, distribution="uniform")
+    with torch.no_grad():
+        model.head.weight.fill_(1.0)  # a dense layer: stays nn.Linear
+    fast = to_sparse_inference(model, {k: v for k, v in engine.masks.items() if not k.startswith("head")})
+    assert isinstance(fast.body[0], SparseLinear) and isinstance(fast.body[2], SparseLinear)
+    assert type(fast.head) is nn.Linear
+    assert type(model.body[0]) is nn.Linear  # the original is untouched
+    x = torch.randn(10, 7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_no_compiler_fallback_warns_once_and_stays_correct(monkeypatch):
+    lin, mask = _masked_linear(40, 24, 0.2, 1)
+    x = torch.randn(9, 24)
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    native.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="native sparse kernels are unavailable"):
+            layer = SparseLinear(lin.weight, lin.bias, mask)
+            with torch.no_grad():
+                got = layer(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a second use does not warn again
+            with torch.no_grad():
+                layer(x)
+    finally:
+        native.reset()
+    torch.testing.assert_close(got, F.linear(x, lin.weight * mask, lin.bias))
+
+
+@given(
+    c_in=st.integers(1, 20),
+    c_out=st.integers(1, 20),
+    size=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+    kernel=st.sampled_from([1, 3, (1, 3), 5]),
+    padding=st.sampled_from([0, 1, 2]),
+    dilation=st.sampled_from([1, 2]),
+    batch=st.integers(1, 3),
+    density=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_sparse_conv2d_matches_masked_dense(
+    built, c_in, c_out, size, kernel, padding, dilation, batch, density, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(c_in, c_out, kernel, padding=padding, dilation=dilation)
+    kh, kw = conv.kernel_size
+    if size[0] + 2 * padding < dilation * (kh - 1) + 1 or size[1] + 2 * padding < dilation * (kw - 1) + 1:
+        return  # kernel larger than the padded input: not a valid convolution
+    mask = torch.rand(conv.weight.shape, generator=g) < density
+    layer = SparseConv(conv, mask)
+    x = torch.randn(batch, c_in, *size, generator=g)
+    with torch.no_grad():
+        want = F.conv2d(x, conv.weight * mask, conv.bias, padding=padding, dilation=dilation)
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
+
+
+def test_sparse_conv_1d_channels_last_and_unbatched(built):
+    torch.manual_seed(0)
+    c1 = nn.Conv1d(6, 10, 3, padding=1)
+    m1 = torch.rand(c1.weight.shape) < 0.3
+    s1 = SparseConv(c1, m1)
+    x = torch.randn(2, 6, 17)
+    c2 = nn.Conv2d(8, 4, 3, padding=1)
+    m2 = torch.rand(c2.weight.shape) < 0.3
+    s2 = SparseConv(c2, m2)
+    img = torch.randn(2, 8, 9, 7).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            s1(x), F.conv1d(x, c1.weight * m1, c1.bias, padding=1), rtol=1e-5, atol=1e-4
+        )
+        torch.testing.assert_close(
+            s1(x[0]), F.conv1d(x[0], c1.weight * m1, c1.bias, padding=1), rtol=1e-5, atol=1e-4
+        )
+        torch.testing.assert_close(
+            s2(img), F.conv2d(img, c2.weight * m2, c2.bias, padding=1), rtol=1e-5, atol=1e-4
+        )
+        # the dense fallback (autograd) gives the same
+        torch.testing.assert_close(s2._dense_forward(img), s2(img), rtol=1e-5, atol=1e-4)
+
+
+def test_unsupported_convolutions_stay_dense():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2), nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 1))
+    with torch.no_grad():
+        for m in model:
+            m.weight.mul_((torch.rand(m.weight.shape) < 0.1).float())
+    fast = to_sparse_inference(model)
+    assert type(fast[0]) is nn.Conv2d and type(fast[1]) is nn.Conv2d
+    assert isinstance(fast[2], SparseConv)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_sparse_gru_matches_masked_dense(built, batch_first, bidirectional):
+    torch.manual_seed(0)
+    gru = nn.GRU(5, 12, num_layers=2, batch_first=batch_first, bidirectional=bidirectional).eval()
+    masks = {}
+    with torch.no_grad():
+        for n, p in gru.named_parameters():
+            if n.startswith("weight_"):
+                masks[n] = torch.rand(p.shape) < 0.2
+                p.mul_(masks[n])
+    fast = SparseGRU(gru, masks)
+    x = torch.randn(3, 7, 5)  # (B, T, F) or (T, B, F)
+    h0 = torch.randn(2 * (2 if bidirectional else 1), 7 if not batch_first else 3, 12)
+    with torch.no_grad():
+        for args in ((x,), (x, h0)):
+            out, h = fast(*args)
+            want_out, want_h = gru(*args)
+            torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
+        one, h1 = fast(x[0])  # unbatched
+        w1, wh1 = gru(x[0])
+        torch.testing.assert_close(one, w1, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h1, wh1, rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    torch.testing.assert_close(fast(x)[0], gru(x)[0], rtol=1e-5, atol=1e-5)  # autograd: dense path
+
+
+def test_to_sparse_inference_converts_a_sparse_gru(built):
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("rnn", nn.GRU(4, 8, batch_first=True))
+    with torch.no_grad():
+        for n, p in model.rnn.named_parameters():
+            if n.startswith("weight_"):
+                p.mul_((torch.rand(p.shape) < 0.1).float())
+    fast = to_sparse_inference(model)
+    assert isinstance(fast.rnn, SparseGRU)
+    x = torch.randn(2, 6, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.rnn(x)[0], model.rnn(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_gru_on_packed_sequences(built):
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(1)
+    gru = nn.GRU(3, 10, num_layers=2, batch_first=True, bidirectional=True).eval()
+    with torch.no_grad():
+        for n, p in gru.named_parameters():
+            if n.startswith("weight_"):
+                p.mul_((torch.rand(p.shape) < 0.15).float())
+    fast = SparseGRU(gru)
+    x = torch.randn(4, 9, 3)
+    lengths = torch.tensor([5, 9, 1, 7])
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    with torch.no_grad():
+        got, got_h = fast(packed)
+        want, want_h = gru(packed)
+    torch.testing.assert_close(got.data, want.data, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-5)
+    a, _ = pad_packed_sequence(got, batch_first=True)
+    b, _ = pad_packed_sequence(want, batch_first=True)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
