@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from helpers import TINY_LDM
 
+from helpers import TINY_LDM
 from sparsediff.cli import main as cli
 from sparsediff.errors import ConfigError
 from sparsediff.run import RunDir

@@ -254,3 +254,80 @@ def test_sparse_gru_on_packed_sequences(built):
     a, _ = pad_packed_sequence(got, batch_first=True)
     b, _ = pad_packed_sequence(want, batch_first=True)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,k,n", [(70, 700, 130), (33, 1030, 5), (200, 513, 64)])
+def test_spmm_wide_layers_use_column_panels(built, m, k, n):
+    lin, mask = _masked_linear(m, k, 0.1, 7)
+    layer = SparseLinear(lin.weight, lin.bias, mask)
+    assert layer.row_ptr.shape[0] > 1  # several panels
+    x = torch.randn(n, k)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, lin.weight * mask, lin.bias), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer.dense_weight(), lin.weight.detach() * mask)
+
+
+def test_sparse_conv_large_images_take_the_wide_tiles(built):
+    torch.manual_seed(2)
+    conv = nn.Conv2d(5, 7, 3, padding=1)
+    mask = torch.rand(conv.weight.shape) < 0.2
+    layer = SparseConv(conv, mask)
+    x = torch.randn(3, 5, 21, 19)  # 21 x 21 padded positions per image: 64-wide tiles and a ragged last one
+    with torch.no_grad():
+        want = F.conv2d(x, conv.weight * mask, conv.bias, padding=1)
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
+
+
+def test_sparse_gru_vector_gates_with_ragged_batch(built):
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(4)
+    gru = nn.GRU(6, 16, batch_first=True, bidirectional=True).eval()
+    with torch.no_grad():
+        for n, p in gru.named_parameters():
+            if n.startswith("weight_"):
+                p.mul_((torch.rand(p.shape) < 0.2).float())
+            else:
+                p.mul_(3.0)  # large gate inputs: the vectorised exp's range reduction at work
+    fast = SparseGRU(gru)
+    x = 3 * torch.randn(19, 11, 6)  # 19 sequences: two vectors of eight and a scalar tail
+    lengths = torch.randint(1, 12, (19,))
+    lengths[0] = 11
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    with torch.no_grad():
+        for inp in (x, packed):
+            got, got_h = fast(inp)
+            want, want_h = gru(inp)
+            got = got.data if not torch.is_tensor(got) else got
+            want = want.data if not torch.is_tensor(want) else want
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+            torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=2e-6)
+
+
+class _TwoPaths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(64, 64)
+        self.unused = nn.Linear(64, 64)  # never called by forward
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_measured_choice_reports_each_layer_and_keeps_unreached_layers_dense(built):
+    torch.manual_seed(0)
+    model = _TwoPaths()
+    with torch.no_grad():
+        for p in (model.used.weight, model.unused.weight):
+            p.mul_((torch.rand(p.shape) < 0.1).float())
+    report: dict = {}
+    x = torch.randn(256, 64)
+    fast = to_sparse_inference(model, example_inputs=(x,), report=report)
+    assert set(report) == {"used", "unused"}
+    assert report["used"]["dense_ms"] > 0 and report["used"]["sparse_ms"] > 0
+    assert report["used"]["sparse"] == isinstance(fast.used, SparseLinear)
+    assert report["used"]["sparse"] == (report["used"]["sparse_ms"] < report["used"]["dense_ms"])
+    assert report["unused"] == {"density": pytest.approx(report["unused"]["density"]), "sparse": False}
+    assert type(fast.unused) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)

@@ -27,12 +27,15 @@ from .sparse.runtime import BACKENDS, kernels, sparse_layers, to_sparse_inferenc
 from .tasks import Samples
 
 
-def use_backend(model: torch.nn.Module, backend: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+def use_backend(
+    model: torch.nn.Module, backend: str, example_inputs: tuple | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """``model`` ready to sample with ``backend``, and what was done (recorded with the samples).
 
-    ``"sparse"`` converts the (masked) model in place: every layer sparse enough to gain computes on
-    compressed weights; the others stay dense. Its zeros define the sparsity, so apply the run's final
-    masks first (``load_for_inference`` does).
+    ``"sparse"`` converts the (masked) model in place: each layer computes on compressed weights where
+    that is faster -- measured on ``example_inputs`` (one forward pass at the sampling batch size) when
+    given, else by its density. Its zeros define the sparsity, so apply the run's final masks first
+    (``load_for_inference`` does).
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -44,12 +47,24 @@ def use_backend(model: torch.nn.Module, backend: str) -> tuple[torch.nn.Module, 
             f"--backend sparse runs on the CPU (sparsediff's native kernels); the model is on {device}: "
             "add --device cpu"
         )
-    model = to_sparse_inference(model, inplace=True)
+    t0 = time.perf_counter()
+    model = to_sparse_inference(model, example_inputs=example_inputs, inplace=True)
     return model, {
         "backend": "sparse",
         "native_kernels": kernels() is not None,
         "sparse_layers": len(sparse_layers(model)),
+        "backend_setup_seconds": time.perf_counter() - t0,  # conversion and per-layer measurement
     }
+
+
+def _example_inputs(model: torch.nn.Module, batch_size: int, seed: int) -> tuple | None:
+    """Inputs of one denoiser call at ``batch_size`` (noise for the sample), for the per-layer choice."""
+    make = getattr(model, "example_inputs", None)  # sparsediff's denoisers have it; other models may not
+    if make is None:
+        return None
+    inputs = tuple(make(batch_size))
+    noise = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(seed), dtype=inputs[0].dtype)
+    return (noise.to(inputs[0].device), *inputs[1:])
 
 
 def generate(
@@ -69,9 +84,11 @@ def generate(
     wall-clock of generating them (model loading excluded) with ``backend``."""
     cfg, task, model, info = load_for_inference(run_dir, use_ema, device)
     model_device = next(model.parameters()).device
-    model, backend_info = use_backend(model, backend)
-    info.update(backend_info)
     s = cfg.sample
+    batch = min(num, batch_size or s.batch_size)
+    example = _example_inputs(model, batch, seed) if backend == "sparse" else None
+    model, backend_info = use_backend(model, backend, example)
+    info.update(backend_info)
     sampler = sampler or s.sampler
     steps = steps or s.steps
     eta = s.eta if eta is None else eta

@@ -11,7 +11,10 @@ gain, stay as they are. Works on any module built from these layers (diffusers m
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,40 +52,108 @@ def to_sparse_inference(
     model: nn.Module,
     masks: Mapping[str, torch.Tensor] | None = None,
     *,
-    max_density: float = MAX_DENSITY,
+    example_inputs: tuple | None = None,
+    max_density: float | None = None,
     inplace: bool = False,
+    report: dict[str, dict[str, Any]] | None = None,
 ) -> nn.Module:
-    """A copy of ``model`` whose sparse ``nn.Linear`` layers compute with compressed weights.
+    """A copy of ``model`` whose sparse layers compute on compressed weights through native kernels.
+
+    Each layer chooses sparse or dense by what is faster for its shape and density. With
+    ``example_inputs`` (the inputs of one forward pass, at the batch size that will be used) the choice is
+    measured: one forward pass runs, and at each candidate layer its input is fed to the dense and the
+    sparse layer alternately (median of three calls each); the sparse one is kept only where it was faster.
+    Without them, a layer is converted when its density is at most ``max_density`` (``MAX_DENSITY`` by
+    default, measured on this project's denoisers: see ``benchmarks/sparse_runtime.py``).
 
     Args:
         model: any module; it is not changed unless ``inplace``.
         masks: parameter name -> bool mask (an engine's ``masks``); without it a weight's zeros define it.
-        max_density: a layer whose weight keeps more than this fraction of entries stays dense (it would
-            run slower sparse).
+        example_inputs: positional inputs of ``model`` for the measured choice.
+        max_density: layers denser than this stay dense (with ``example_inputs``: candidates up to this
+            density are measured; 0.8 by default).
         inplace: convert ``model`` itself instead of a copy.
+        report: if given, filled with layer name -> ``{"density", "sparse", "dense_ms", "sparse_ms"}``.
     """
     out = model if inplace else copy.deepcopy(model)
-    masks = dict(masks or {})
-    for name, module in list(out.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
+    limit = max_density if max_density is not None else (0.8 if example_inputs is not None else MAX_DENSITY)
+    candidates = _candidates(out, dict(masks or {}), limit)
+    timings = _measure(out, candidates, example_inputs) if example_inputs is not None else {}
+    for name, (parent, attr, _, sparse, density) in candidates.items():
+        t = timings.get(name)
+        use = t is None or t[1] < t[0]  # measured: only where faster
+        if example_inputs is not None and t is None:
+            use = False  # not reached by the example forward pass: nothing says it would gain
+        if use:
+            setattr(parent, attr, sparse)
+        if report is not None:
+            report[name] = {"density": density, "sparse": use}
+            if t is not None:
+                report[name].update(dense_ms=t[0] * 1e3, sparse_ms=t[1] * 1e3)
+    return out
+
+
+def _candidates(model: nn.Module, masks: dict[str, torch.Tensor], limit: float) -> dict[str, tuple]:
+    """name -> (parent, attribute, dense layer, its sparse version, density) for every convertible layer
+    whose density is at most ``limit``."""
+    out = {}
+    for name, module in list(model.named_modules()):
+        for attr, child in list(module.named_children()):
+            full = f"{name}.{attr}" if name else attr
             if type(child) is nn.GRU:
                 weights = {n: p for n, p in child.named_parameters() if n.startswith("weight_")}
                 layer_masks = {n: _active(p, masks.get(f"{full}.{n}")) for n, p in weights.items()}
-                total = sum(p.numel() for p in weights.values())
-                if sum(int(m.sum()) for m in layer_masks.values()) <= max_density * total:
-                    setattr(module, child_name, SparseGRU(child, layer_masks))
-                continue
-            if not (_is_plain_linear(child) or convertible(child)):
-                continue
-            active = _active(child.weight, masks.get(f"{full}.weight"))
-            if float(active.float().mean()) > max_density:
-                continue
-            if isinstance(child, nn.Linear):
-                setattr(module, child_name, SparseLinear(child.weight, child.bias, active))
-            else:
-                setattr(module, child_name, SparseConv(child, active))
+                density = sum(int(m.sum()) for m in layer_masks.values()) / sum(
+                    p.numel() for p in weights.values()
+                )
+                if density <= limit:
+                    out[full] = (module, attr, child, SparseGRU(child, layer_masks), density)
+            elif _is_plain_linear(child) or convertible(child):
+                active = _active(child.weight, masks.get(f"{full}.weight"))
+                density = float(active.float().mean())
+                if density <= limit:
+                    sparse = (
+                        SparseLinear(child.weight, child.bias, active)
+                        if isinstance(child, nn.Linear)
+                        else SparseConv(child, active)
+                    )
+                    out[full] = (module, attr, child, sparse, density)
     return out
+
+
+def _measure(model: nn.Module, candidates: dict[str, tuple], inputs: tuple) -> dict[str, tuple[float, float]]:
+    """Run ``model(*inputs)`` once; at each candidate layer time the dense and the sparse version on the
+    input it receives (median of three calls each, after a warm-up). Returns name -> (dense seconds,
+    sparse seconds)."""
+    timings: dict[str, tuple[float, float]] = {}
+
+    def hook(name: str, dense: nn.Module, sparse: nn.Module):
+        def measure(module, args, kwargs, output):
+            if name in timings:  # a layer called several times in one pass: its first call decides
+                return
+            calls = [lambda: dense.forward(*args, **kwargs), lambda: sparse.forward(*args, **kwargs)]
+            for call in calls:  # warm-up: first-call allocations, the kernel build
+                call()
+            samples: list[list[float]] = [[], []]
+            for _ in range(3):
+                for i, call in enumerate(calls):
+                    t0 = time.perf_counter()
+                    call()
+                    samples[i].append(time.perf_counter() - t0)
+            timings[name] = (statistics.median(samples[0]), statistics.median(samples[1]))
+
+        return measure
+
+    handles = [
+        dense.register_forward_hook(hook(name, dense, sparse), with_kwargs=True)
+        for name, (_, _, dense, sparse, _) in candidates.items()
+    ]
+    try:
+        model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return timings
 
 
 def sparse_layers(model: nn.Module) -> list[str]:

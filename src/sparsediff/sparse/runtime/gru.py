@@ -127,8 +127,9 @@ class SparseGRU(nn.Module):
                 gi = self.inputs[idx](inp.reshape(steps * batch, -1)).reshape(steps, batch, -1)
                 row_ptr, cols, values, b_hh = self._hh(sfx)
                 bias = empty if b_hh is None else b_hh
-                out, last = mod.gru_recurrence(gi, row_ptr, cols, values, bias, h0[idx], lengths, bool(d))
-                outs.append(out)
+                gi_t = gi.transpose(1, 2).contiguous()  # (T, 3H, B): the batch last, for the native loop
+                out, last = mod.gru_recurrence(gi_t, row_ptr, cols, values, bias, h0[idx], lengths, bool(d))
+                outs.append(out.transpose(1, 2))  # (T, B, H)
                 finals.append(last)
             inp = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         h_n = torch.stack(finals)

@@ -8,8 +8,6 @@ from torch import nn
 
 from .native import native_for
 
-BLOCK = 64  # the kernel packs the input in blocks of 64 rows; a column index is stored as k * 64
-
 
 def panel_width(in_features: int) -> int:
     """Input features per column panel: all of them for small layers; 128 (32 KiB of packed input, an L1
@@ -24,7 +22,7 @@ PARALLEL_GRAIN = 1 << 18
 class SparseLinear(nn.Module):
     """``nn.Linear`` with a sparse weight stored row by row (CSR): the same output, fewer multiply-adds.
 
-    Only the active weights are kept: ``values``, ``offsets`` (column x 64, relative to the column panel)
+    Only the active weights are kept: ``values``, ``cols`` (relative to their column panel)
     and ``row_ptr`` (one row of pointers per panel of ``panel`` input features). Inputs
     of any leading shape are flattened to rows; float32 CPU inputs go through the native kernel, anything
     else (other dtypes, CUDA, autograd, no kernels) through ``F.linear`` on the rebuilt dense weight.
@@ -39,17 +37,17 @@ class SparseLinear(nn.Module):
         self.panel = max(1, panel_width(self.in_features))
         panels = max(1, -(-self.in_features // self.panel))
         row_ptr = torch.zeros(panels, self.out_features + 1, dtype=torch.int64)
-        offsets, values, base = [], [], 0
+        cols, values, base = [], [], 0
         for p in range(panels):  # panel by panel, row by row: the kernel's traversal order
             part = w[:, p * self.panel : (p + 1) * self.panel]
             active = part != 0
             row_ptr[p, 0] = base
             row_ptr[p, 1:] = base + torch.cumsum(active.sum(1), 0)
             base = int(row_ptr[p, -1])
-            offsets.append((active.nonzero()[:, 1] * BLOCK).to(torch.int32))
+            cols.append(active.nonzero()[:, 1].to(torch.int32))
             values.append(part[active])
         self.register_buffer("row_ptr", row_ptr)
-        self.register_buffer("offsets", torch.cat(offsets))
+        self.register_buffer("cols", torch.cat(cols))
         self.register_buffer("values", torch.cat(values).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).cpu().clone())
         self._dense: torch.Tensor | None = None
@@ -70,7 +68,7 @@ class SparseLinear(nn.Module):
                 ptr = self.row_ptr[p]
                 start, stop = int(ptr[0]), int(ptr[-1])
                 rows = torch.repeat_interleave(torch.arange(self.out_features), ptr[1:] - ptr[:-1])
-                cols = self.offsets[start:stop].long() // BLOCK + p * self.panel
+                cols = self.cols[start:stop].long() + p * self.panel
                 w[rows, cols] = self.values[start:stop]
             self._dense = w
         return self._dense
@@ -87,7 +85,7 @@ class SparseLinear(nn.Module):
         y = mod.spmm_linear(
             rows,
             self.row_ptr,
-            self.offsets,
+            self.cols,
             self.values,
             empty if self.bias is None else self.bias,
             self.panel,
