@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from helpers import TINY_LDM as TINY
 from helpers import assert_same_state
 from helpers import tiny_ldm as tiny
-from sparsediff.checkpoint import CheckpointDir, load_tensors
+from sparsediff.checkpoint import CheckpointDir, directory_nbytes, load_tensors
 from sparsediff.cli import main as cli
 from sparsediff.config import load_config
 from sparsediff.errors import ConfigError, DataError, TrainingError
@@ -66,6 +67,9 @@ def test_train_sample_evaluate(first_stage, tmp_path):
     assert ev["params_nonzero"] <= summary["params_nonzero"]
     assert ev["flops_per_step_sparse"] < ev["flops_per_step_dense"]
     assert ev["flops_per_sample_sparse"] == ev["flops_per_step_sparse"] * 5 + ev["flops_decode"]
+    # bytes on disk: the checkpoint directory sampled from and the sparse export of the model
+    assert ev["checkpoint_bytes"] == directory_nbytes(Path(ev["checkpoint"])) == summary["checkpoint_bytes"]
+    assert 0 < ev["model_bytes"] < ev["checkpoint_bytes"]
 
 
 @pytest.mark.parametrize("method", ["rigl", "magran"])

@@ -6,6 +6,9 @@ FID goes through torch-fidelity. With ``--fid-weights PATH`` (the standard Incep
 the feature space of a small network sparsediff trains on the bundled dataset and ships in the package,
 and the evaluation names it so (``fid_sparsediff_fmnist`` ...): those numbers compare runs with each other,
 never with published Inception FIDs.
+
+Bytes on disk are recorded next to the counts: ``checkpoint_bytes`` (the checkpoint directory the model
+came from) and ``model_bytes`` (the file ``sparsediff export --format sparse`` writes for it, float32).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .checkpoint import directory_nbytes
+from .compressed import sparse_export_nbytes
 from .config import RunConfig
 from .run import RunDir, load_for_inference
 from .sample import generate, save_grid
@@ -98,6 +103,9 @@ def evaluate_run(
         "sampler": {k: info[k] for k in ("sampler", "steps", "eta", "seed")},
         "weights": info["weights"],
         "checkpoint": info["checkpoint"],
+        # bytes on disk: the checkpoint directory sampled from, and `export --format sparse` (float32)
+        "checkpoint_bytes": directory_nbytes(Path(info["checkpoint"])),
+        "model_bytes": sparse_export_nbytes(run, use_ema=use_ema),
         "params_total": params_total,
         "params_nonzero": params_nonzero,
         "density": params_nonzero / params_total,

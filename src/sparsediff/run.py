@@ -30,11 +30,10 @@ from typing import Any
 import torch
 
 from .checkpoint import (
-    EMA_FILE,
     ENGINE_FILE,
     MODEL_FILE,
     CheckpointDir,
-    load_model_weights,
+    load_checkpoint_weights,
     load_state_checked,
     load_tensors,
 )
@@ -50,8 +49,10 @@ __all__ = [
     "load_for_inference",
     "load_init_weights",
     "load_masked_model",
+    "load_model_and_masks",
     "load_run_config",
     "load_state_checked",
+    "mask_model",
 ]
 
 # Fields a resumed run may change; anything else must match the run directory's config.
@@ -82,8 +83,9 @@ class RunSummary:
     """What ``summary.json`` says about a run, written by training and by one-shot fine-tuning alike.
 
     Optional fields left at None are not written: ``pattern``, ``masked_layers`` and ``dense_layers``
-    only for one-shot N:M pruning, the cross-rank checks only for trained runs. ``extra`` holds keys
-    this version does not know (read from a newer file) and writes them back unchanged.
+    only for one-shot N:M pruning, the cross-rank checks and ``checkpoint_bytes`` (the bytes on disk of
+    the last checkpoint directory) only for trained runs. ``extra`` holds keys this version does not
+    know (read from a newer file) and writes them back unchanged.
     """
 
     preset: str
@@ -115,6 +117,7 @@ class RunSummary:
     weights_identical_across_ranks: bool | None = None
     masked_layers: int | None = None
     dense_layers: dict[str, Any] | None = None
+    checkpoint_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # The order of the keys in summary.json (readers and recorded CSVs see this order).
@@ -145,6 +148,7 @@ class RunSummary:
         "flops_train_total",
         "flops_train_total_dense",
         "checkpoint",
+        "checkpoint_bytes",
         "init_from",
         "distill_weight",
         "task",
@@ -156,6 +160,7 @@ class RunSummary:
             "weights_identical_across_ranks",
             "masked_layers",
             "dense_layers",
+            "checkpoint_bytes",
         }
     )
 
@@ -371,14 +376,17 @@ def load_init_weights(
 
 
 @torch.no_grad()
-def apply_final_masks(model: torch.nn.Module, cfg: RunConfig, ckpt: Path) -> dict[str, Any]:
-    """Multiply the model's weights by the run's final masks; returns a small report.
+def mask_model(
+    model: torch.nn.Module, cfg: RunConfig, ckpt: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Zero the model's weights outside the run's final masks; ``(masks, report)``.
 
     N:M runs (srste, oneshot) are masked by magnitude to their final pattern; unstructured runs by the
-    masks in the checkpoint's engine state.
+    masks in the checkpoint's engine state. ``masks``: parameter name -> bool mask (True = kept), empty
+    for a dense run. Masked entries become exactly +0.0.
     """
     if cfg.sparse.method == "dense":
-        return {"masked_layers": 0}
+        return {}, {"masked_layers": 0}
     if cfg.sparse.structured:
         from .sparse import one_shot_nm
         from .sparse.nm import parse_nm
@@ -392,24 +400,65 @@ def apply_final_masks(model: torch.nn.Module, cfg: RunConfig, ckpt: Path) -> dic
             exclude=cfg.sparse.exclude or None,
             incompatible=cfg.sparse.nm_incompatible,
         )
-        return {"masked_layers": len(masks), "pattern": f"{pattern.n}:{pattern.m}"}
-    from .sparse.io import engine_state_from_tensors
+        report = {"masked_layers": len(masks), "pattern": f"{pattern.n}:{pattern.m}"}
+    else:
+        from .sparse.compress import mask_checksum
+        from .sparse.decompress import shared_mask_checksums
+        from .sparse.io import MASK_PREFIX, engine_state_from_tensors
 
-    tensors, meta = load_tensors(ckpt / ENGINE_FILE)
-    masks = engine_state_from_tensors(tensors, meta)["masks"]
+        tensors, meta = load_tensors(ckpt / ENGINE_FILE)
+        masks = engine_state_from_tensors(tensors, meta)["masks"]
+        report = {"masked_layers": len(masks)}
+        # the weights were saved against these masks: an engine file from another checkpoint is refused
+        saved = shared_mask_checksums(ckpt / MODEL_FILE)
+        for name, mask in masks.items():
+            crc = saved.get((ENGINE_FILE, MASK_PREFIX + name))
+            if crc is not None and crc != mask_checksum(mask.bool()):
+                raise StateError(
+                    f"{ckpt / ENGINE_FILE}: the mask of {name!r} is not the one {MODEL_FILE} was saved with "
+                    "(the files come from different checkpoints)"
+                )
     params = dict(model.named_parameters())
     for name, mask in masks.items():
         if name not in params:
             raise StateError(f"{ckpt}: mask for {name!r}, which the model does not have")
-        params[name].mul_(mask.to(params[name].device, params[name].dtype))
-    return {"masked_layers": len(masks)}
+        if tuple(mask.shape) != tuple(params[name].shape):
+            raise StateError(
+                f"{ckpt}: the mask of {name!r} has shape {tuple(mask.shape)}, the model's weight "
+                f"{tuple(params[name].shape)}"
+            )
+        params[name].masked_fill_(~mask.to(params[name].device), 0.0)
+    return {n: m.detach().bool().cpu() for n, m in masks.items()}, report
 
 
-def _restore(model: torch.nn.Module, cfg: RunConfig, ckpt: Path, use_ema: bool) -> dict[str, Any]:
-    """Load the checkpoint's (EMA) weights into ``model`` and apply the final masks; a small report."""
+def apply_final_masks(model: torch.nn.Module, cfg: RunConfig, ckpt: Path) -> dict[str, Any]:
+    """Zero the model's weights outside the run's final masks (:func:`mask_model`); returns a small report."""
+    return mask_model(model, cfg, ckpt)[1]
+
+
+def _restore(
+    model: torch.nn.Module, cfg: RunConfig, ckpt: Path, use_ema: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load the checkpoint's (EMA) weights into ``model`` and apply the final masks; ``(masks, report)``."""
     weights = "ema" if use_ema else "model"
-    load_model_weights(model, ckpt / (EMA_FILE if use_ema else MODEL_FILE))
-    return {"checkpoint": str(ckpt), "weights": weights, **apply_final_masks(model, cfg, ckpt)}
+    load_checkpoint_weights(model, ckpt, use_ema)
+    masks, report = mask_model(model, cfg, ckpt)
+    return masks, {"checkpoint": str(ckpt), "weights": weights, **report}
+
+
+def load_model_and_masks(
+    run_dir: str | Path | RunDir, use_ema: bool = True
+) -> tuple[RunConfig, torch.nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
+    """``(cfg, model, masks, info)``: the run's denoiser on the CPU with its (EMA) weights and final masks
+    applied, the masks themselves (parameter name -> bool, empty for a dense run) and what was loaded."""
+    from .models import build_model
+
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    cfg = run.load_config()
+    ckpt = run.latest_checkpoint()
+    model = build_model(cfg.model)
+    masks, report = _restore(model, cfg, ckpt, use_ema)
+    return cfg, model.eval(), masks, {"run": str(run.path), **report}
 
 
 def load_masked_model(
@@ -420,14 +469,8 @@ def load_masked_model(
     Like :func:`load_for_inference`, without building the task (no first stage or data needed, e.g. to
     export or fine-tune a model).
     """
-    from .models import build_model
-
-    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    cfg = run.load_config()
-    ckpt = run.latest_checkpoint()
-    model = build_model(cfg.model)
-    info = {"run": str(run.path), **_restore(model, cfg, ckpt, use_ema)}
-    return cfg, model.eval(), info
+    cfg, model, _, info = load_model_and_masks(run_dir, use_ema)
+    return cfg, model, info
 
 
 def load_for_inference(
@@ -442,7 +485,7 @@ def load_for_inference(
     ckpt = run.latest_checkpoint()
     task = make_task(cfg, run.path)
     model = task.build_model()
-    info = _restore(model, cfg, ckpt, use_ema)
+    _, info = _restore(model, cfg, ckpt, use_ema)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev).eval()
     return cfg, task, model, info

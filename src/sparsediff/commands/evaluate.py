@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..compressed import format_bytes
 from ..evaluate import evaluate_run
 from ..run import RunDir
 from .common import add_json_option, add_quiet_option, add_run_option, add_sampling_options, call, emit
@@ -36,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
         result,
         f"{fid['metric']} = {fid['value']:.3f} ({result['num_samples']} samples vs {result['num_reference']} "
         f"held-out); non-zero params {result['params_nonzero']:,} / {result['params_total']:,}; "
+        f"on disk: checkpoint {format_bytes(result['checkpoint_bytes'])}, sparse model "
+        f"{format_bytes(result['model_bytes'])}; "
         f"sampling {result['generate_seconds']:.1f} s ({result['backend']} backend); written to {RunDir(args.run_dir).eval_path}",
     )
     return 0

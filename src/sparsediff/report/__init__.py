@@ -2,8 +2,8 @@
 
 Reads nothing but run directories (their config, summary, evaluation and metrics files) and writes
 ``report.md`` (the paper-style table: FID mean ± std over seeds next to dense, non-zero parameters,
-inference and training FLOPs as ratios to dense, wall-clock), ``results.csv`` (every number of every
-run) and PNG plots (FID vs sparsity, FID vs training FLOPs, sample grids side by side).
+inference and training FLOPs as ratios to dense, wall-clock, bytes on disk of the checkpoint and of the
+sparse export), ``results.csv`` (every number of every run) and PNG plots (FID vs sparsity, FID vs training FLOPs, sample grids side by side).
 
 - :mod:`.records`: reading run directories into :class:`RunRecord` s, grouping them into table rows;
 - :mod:`.plots`: the PNG plots;

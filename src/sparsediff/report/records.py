@@ -110,6 +110,16 @@ class RunRecord:
         return ratio(self.get("flops_train_total"), self.get("flops_train_total_dense"))
 
     @property
+    def checkpoint_bytes(self) -> int | None:
+        """Bytes on disk of the run's checkpoint directory (evaluation, else summary)."""
+        return self.get("checkpoint_bytes")
+
+    @property
+    def model_bytes(self) -> int | None:
+        """Bytes of the run's sparse float32 export (``export --format sparse``; from the evaluation)."""
+        return (self.eval or {}).get("model_bytes")
+
+    @property
     def train_seconds(self) -> float | None:
         v = self.get("train_seconds")
         return None if v is None else float(v)

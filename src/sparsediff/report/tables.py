@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..compressed import format_bytes
 from ..config import flatten
 from ..errors import ConfigError
 from ..run import RunDir
@@ -60,6 +61,14 @@ def _fmt_x(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}x"
 
 
+def _fmt_bytes(n: float | None, dense: float | None, is_dense: bool) -> str:
+    """``1.62 MB (0.142x)``: bytes on disk and the ratio to the dense row (``n/a`` when unknown)."""
+    if n is None:
+        return "n/a"
+    r = ratio(n, dense) if not is_dense else None
+    return format_bytes(n) + (f" ({_fmt_x(r)})" if r is not None else "")
+
+
 def _metrics_of(records: Sequence[RunRecord]) -> list[str]:
     return unique(r.fid[0] for r in records if r.fid is not None)
 
@@ -85,6 +94,8 @@ def _csv_row(r: RunRecord) -> dict[str, Any]:
         "params_nonzero_ratio": r.nonzero_ratio,
         "inference_flops_ratio": r.inference_ratio,
         "train_flops_ratio": r.train_flops_ratio,
+        "checkpoint_bytes": r.checkpoint_bytes,
+        "model_bytes": r.model_bytes,
     }
     for prefix, src in (("summary", r.summary), ("eval", r.eval)):
         for k, v in flatten(src or {}).items():
@@ -130,6 +141,8 @@ def _table(groups: Sequence[Group], metric: str | None) -> list[str]:
     dense = next((g for g in groups if g.method == "dense"), None)
     dense_fid = mean_std(dense.fids(metric))[0] if dense and dense.fids(metric) else None
     dense_time = dense.mean(lambda r: r.train_seconds) if dense else None
+    dense_ckpt = dense.mean(lambda r: r.checkpoint_bytes) if dense else None
+    dense_model = dense.mean(lambda r: r.model_bytes) if dense else None
     best: dict[float, float] = {}
     for g in groups:
         if g.method != "dense" and g.fids(metric):
@@ -138,8 +151,8 @@ def _table(groups: Sequence[Group], metric: str | None) -> list[str]:
     lines = [
         f"| method | sparsity | prune ratio | seeds | {f'`{metric}` ↓' if metric else f'FID (no {RunDir.EVAL} yet)'} | "
         "Δ vs dense | non-zero params | "
-        "inference FLOPs | training FLOPs | train wall-clock |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "inference FLOPs | training FLOPs | train wall-clock | checkpoint on disk | model on disk |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in groups:
         fids = g.fids(metric)
@@ -168,6 +181,8 @@ def _table(groups: Sequence[Group], metric: str | None) -> list[str]:
             _fmt_x(g.mean(lambda r: r.inference_ratio)),
             _fmt_x(g.mean(lambda r: r.train_flops_ratio)),
             _fmt_duration(time_mean) + (f" ({_fmt_x(time_ratio)})" if time_ratio is not None else ""),
+            _fmt_bytes(g.mean(lambda r: r.checkpoint_bytes), dense_ckpt, g.method == "dense"),
+            _fmt_bytes(g.mean(lambda r: r.model_bytes), dense_model, g.method == "dense"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -223,7 +238,9 @@ def _preset_section(
         "Non-zero parameters of the whole denoiser (ratio to its dense count); inference FLOPs of one "
         "denoiser forward, sparse-aware (ratio to the same model dense; first-stage decoder excluded); "
         "training FLOPs in RigL accounting (ratio to dense training for the same steps); wall-clock is "
-        "measured training time (ratio to dense): FLOP savings of masked dense kernels are on paper only.",
+        "measured training time (ratio to dense): FLOP savings of masked dense kernels are on paper only. "
+        "On disk: one checkpoint directory (model, EMA, optimiser, engine; compressed) and the sparse "
+        "float32 export of the model (`sparsediff export --format sparse`), ratios to dense.",
         "",
     ]
     metrics = _metrics_of(recs) or [None]  # no run evaluated yet: the table without FID

@@ -1,4 +1,7 @@
-"""Saving and loading engine state with safetensors (masks as uint8 tensors, the rest as JSON metadata)."""
+"""Saving and loading engine state with safetensors (masks as uint8 tensors, the rest as JSON metadata).
+
+The files are written compressed (``compress.py``: each mask as a bitmask, deflated when smaller); both compressed and
+plain files load."""
 
 from __future__ import annotations
 
@@ -10,8 +13,12 @@ import torch
 
 from ..errors import StateError
 from .base import Engine
+from .compress import save_compressed
+from .decompress import load_compressed
 
-_PREFIX = "mask/"
+# The tensors of an engine state file: MASK_PREFIX + layer name -> uint8 0/1 mask.
+MASK_PREFIX = "mask/"
+_PREFIX = MASK_PREFIX
 
 
 def engine_state_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -39,20 +46,11 @@ def engine_state_from_tensors(
 
 def save_engine_state(engine: Engine, path: str | Path) -> None:
     """Write ``engine.state_dict()`` to a safetensors file."""
-    from safetensors.torch import save_file
-
     tensors, meta = engine_state_to_tensors(engine.state_dict())
-    save_file(tensors, str(path), metadata=meta)
+    save_compressed(path, tensors, meta)
 
 
 def load_engine_state(engine: Engine, path: str | Path) -> None:
     """Restore ``engine`` from a file written by :func:`save_engine_state`."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-            meta = f.metadata()
-    except (OSError, ValueError) as e:
-        raise StateError(f"cannot read engine state from {path}: {e}") from None
+    tensors, meta = load_compressed(path)  # a StateError naming the file when it cannot be read
     engine.load_state_dict(engine_state_from_tensors(tensors, meta))

@@ -123,7 +123,7 @@ class LatentDiffusionTask(Task):
         base = fs_dir / "latent-cache"
         try:
             base.mkdir(exist_ok=True)
-            probe = base / ".write-test"
+            probe = base / f".write-test-{os.getpid()}"  # one per process: ranks probe at once
             probe.write_text("")
             probe.unlink()
         except OSError:  # a read-only first stage (a downloaded model): cache in the run directory
