@@ -241,6 +241,22 @@ def test_state_dict_round_trip_in_process():
     assert all(torch.equal(eng.masks[n], eng2.masks[n]) for n in eng.names)
 
 
+def test_weights_loaded_behind_the_engine_are_refused_not_zeroed():
+    model, opt = _model_and_opt()
+    eng = sparsediff.sparsify(model, opt, method="static", sparsity=0.6)
+    dense, _ = _model_and_opt(seed=3)
+    model.load_state_dict(dense.state_dict())  # dense weights, the engine's state untouched
+    loaded = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.loss(model.inputs(torch.Generator().manual_seed(0))).backward()
+    with pytest.raises(StateError, match=r"layer 'layers.0.weight' has \d+ non-zero weights at positions"):
+        opt.step()
+    assert all(torch.equal(p.detach(), loaded[n]) for n, p in model.named_parameters())
+    eng.apply_masks()  # pruning them on purpose
+    opt.step()
+    eng.step()
+    assert eng.step_count == 1 and eng.check_invariants() == []
+
+
 def test_density_report_text_and_dict():
     model, opt = _model_and_opt()
     eng = sparsediff.sparsify(model, opt, method="static", sparsity=0.75, distribution="uniform")

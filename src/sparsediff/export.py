@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import MODEL_FILE, load_state_checked, load_tensors, model_tensors, save_tensors
+from .compressed import SPARSE_FORMAT, load_sparse_export
 from .errors import ConfigError, StateError
 from .run import RunDir, load_masked_model
 
@@ -43,13 +44,21 @@ if TYPE_CHECKING:
 
     from .config import RunConfig
 
-EXPORT_FORMATS = ("masked-dense", "semi-structured")
+# sparse: see compressed.py; diffusers: see export_diffusers.py
+EXPORT_FORMATS = ("masked-dense", "semi-structured", "sparse", "diffusers")
 MASKED_DENSE_FORMAT = "sparsediff.masked-dense/1"
 SEMI_STRUCTURED_FORMAT = "sparsediff.semi-structured/1"
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+}
 # Relative L2 difference allowed between the semi-structured and the masked dense model in the same
 # dtype (or 4 x the dense model's own rounding error against float32, when that is larger).
-DEFAULT_TOLERANCE = {"fp16": 1e-2, "bf16": 5e-2}
+DEFAULT_TOLERANCE = {"fp16": 1e-2, "bf16": 5e-2, "float16": 1e-2, "bfloat16": 5e-2}
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -299,6 +308,9 @@ def load_export(
     if not file.exists():
         raise StateError(f"{path} is not a sparsediff export (no {file.name})")
     tensors, meta = load_tensors(file)
+    if meta.get("format") == SPARSE_FORMAT:  # --format sparse: the masked dense model, masks left out
+        cfg, model, _ = load_sparse_export(file, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cfg, model, json.loads(meta["sparsediff_export"])
     if meta.get("format") not in (MASKED_DENSE_FORMAT, SEMI_STRUCTURED_FORMAT):
         raise StateError(f"{file} is not a sparsediff export (metadata 'format' is {meta.get('format')!r})")
     cfg = config_from_dict(yaml.safe_load(meta["config"]), source=f"{file} (metadata)")

@@ -33,6 +33,7 @@ from .checkpoint import (
     ENGINE_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
+    directory_nbytes,
     ema_tensors,
     load_ema,
     load_model_weights,
@@ -40,11 +41,12 @@ from .checkpoint import (
     load_tensors,
     model_tensors,
     optimizer_from_tensors,
+    optimizer_param_names,
     optimizer_to_tensors,
     read_trainer_state,
 )
 from .config import RunConfig
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, StateError, TrainingError
 from .progress import progress_bar
 from .run import RunDir, RunSummary, load_init_weights
 from .sparse import Engine, count_flops, derive_seed, sparsify, training_flops_per_step, training_flops_total
@@ -191,6 +193,7 @@ def _build(
     engine = sparsify(model, optimizer, cfg.sparse, total_steps=steps)
     ema = EMAModel(model.parameters(), decay=t_cfg.ema_decay, foreach=True)
     ema.to(device)
+    engine.attach_ema(ema)  # zero where the model is: after every EMA step and topology update
     prepared, optimizer = accelerator.prepare(model, optimizer)
     return Trainer(
         cfg=cfg,
@@ -224,6 +227,9 @@ def resume_from_checkpoint(tr: Trainer, quiet: bool) -> tuple[int, float]:
     state = read_trainer_state(ckpt)
     load_model_weights(tr.raw_model, ckpt / MODEL_FILE)
     opt_tensors, opt_meta = load_tensors(ckpt / OPTIMIZER_FILE)
+    saved_names = json.loads(opt_meta.get("param_names", "null"))
+    if saved_names is not None and saved_names != optimizer_param_names(tr.optimizer, tr.raw_model):
+        raise StateError(f"{ckpt / OPTIMIZER_FILE} holds the optimiser state of another model's parameters")
     tr.optimizer.optimizer.load_state_dict(optimizer_from_tensors(opt_tensors, opt_meta))
     eng_tensors, eng_meta = load_tensors(ckpt / ENGINE_FILE)
     tr.engine.load_state_dict(engine_state_from_tensors(eng_tensors, eng_meta))
@@ -243,7 +249,9 @@ def save_checkpoint(tr: Trainer, step: int, train_seconds: float) -> Path | None
     files = {
         MODEL_FILE: (model_tensors(tr.raw_model), None),
         EMA_FILE: ema_tensors(tr.ema, tr.raw_model),
-        OPTIMIZER_FILE: optimizer_to_tensors(tr.optimizer.optimizer.state_dict()),
+        OPTIMIZER_FILE: optimizer_to_tensors(
+            tr.optimizer.optimizer.state_dict(), optimizer_param_names(tr.optimizer, tr.raw_model)
+        ),
         ENGINE_FILE: engine_state_to_tensors(tr.engine.state_dict()),
     }
     trainer_state = {
@@ -453,6 +461,7 @@ def summarize(
         flops_train_total=total + teacher * tr.steps,
         flops_train_total_dense=3.0 * dense * tr.steps,
         checkpoint=str(last_ckpt) if last_ckpt else None,
+        checkpoint_bytes=directory_nbytes(last_ckpt) if last_ckpt else None,
         init_from=tr.init_info,
         distill_weight=t_cfg.distill_weight if tr.teacher is not None else 0.0,
         task=tr.task.describe(),

@@ -7,11 +7,15 @@ RigL and MagRan, an :class:`NMSparseEngine` for SR-STE. Call its ``step()`` afte
 
 Modules: ``spec`` (the settings), ``base`` (the engine contract and reports), ``engine`` (unstructured
 masks), ``nm`` (N:M patterns, masks, one-shot pruning) and ``nm_engine`` (SR-STE), ``api``
-(``sparsify``), ``distribution``, ``schedule``, ``targets``, ``io``, ``flops``, ``export``.
+(``sparsify``), ``masks`` (initial masks), ``integrations`` (accelerate, EMA copies), ``distribution``,
+``schedule``, ``targets``, ``io``, ``compress`` / ``decompress`` (sparse tensors on disk), ``flops``,
+``export``.
 """
 
 from .api import sparsify
 from .base import DensityReport, Engine, LayerReport, derive_seed, unwrap_optimizer
+from .compress import Support, save_compressed
+from .decompress import load_compressed
 from .distribution import DISTRIBUTIONS, layer_budgets, layer_densities, plan_sparsity
 from .engine import SparseEngine, UpdateStats
 from .export import (
@@ -22,7 +26,9 @@ from .export import (
     to_semi_structured,
 )
 from .flops import FlopReport, count_flops, training_flops_per_step, training_flops_total
+from .integrations import EMATargets, hook_accelerator
 from .io import load_engine_state, save_engine_state
+from .masks import masks_from_weights
 from .nm import (
     NMPattern,
     has_nm_hooks,
@@ -46,6 +52,7 @@ __all__ = [
     "METHODS",
     "UNSTRUCTURED_METHODS",
     "DensityReport",
+    "EMATargets",
     "Engine",
     "FlopReport",
     "LayerReport",
@@ -55,10 +62,16 @@ __all__ = [
     "UpdateStats",
     "count_flops",
     "derive_seed",
+    "hook_accelerator",
     "layer_budgets",
     "load_engine_state",
+    # compressed sparse tensors in safetensors files (compress.py, decompress.py)
+    "Support",
+    "load_compressed",
+    "save_compressed",
     "save_engine_state",
     "layer_densities",
+    "masks_from_weights",
     "plan_sparsity",
     "select_targets",
     "sparsify",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -26,6 +28,9 @@ def sparsify(
     spec: SparseSpec | None = None,
     *,
     total_steps: int | None = None,
+    masks: str | Mapping[str, torch.Tensor] | None = None,
+    accelerator: Any | None = None,
+    ema: Any | None = None,
     **fields: Any,
 ) -> Engine:
     """Make ``model`` sparse from now on and return the engine that keeps it so.
@@ -48,6 +53,17 @@ def sparsify(
             ``nm_incompatible``, ``include`` and ``exclude`` apply to it).
         total_steps: training length; RigL and MagRan stop updating at ``end_fraction * total_steps``
             unless ``end_step`` is given (``end_step="never"`` keeps updating, with constant decay).
+        masks: initial masks instead of random ones (static, RigL, MagRan): ``"weights"`` keeps the
+            non-zero positions of weights that are sparse already (a sparse model loaded back from a
+            diffusers folder), topped up to each layer's budget with positions where the weight is 0; or
+            a mapping ``{layer name: bool mask}`` whose masks keep exactly the budgets of the settings.
+            The weights are taken as trained ones: ``rescale_init`` does not apply.
+        accelerator: an ``accelerate.Accelerator``: the engine is registered for its checkpoints and its
+            ``clip_grad_norm_`` clips the sparse gradient (:meth:`Engine.attach_accelerator`). Before or
+            after ``accelerator.prepare`` both work; before ``accelerator.load_state``.
+        ema: an EMA copy of the model (diffusers' ``EMAModel(model.parameters())``, torch's
+            ``AveragedModel``, an ``nn.Module`` copy) to keep exactly as sparse as the model
+            (:meth:`Engine.attach_ema`).
         fields: :class:`SparseSpec` fields. ``include`` / ``exclude`` also take one comma-separated string.
             ``nm``, ``srste_lambda`` and ``progressive`` given as keywords are refused for a method other
             than ``srste``; ``nm`` and ``progressive`` are exclusive (a progressive schedule names its own
@@ -56,7 +72,9 @@ def sparsify(
     Raises:
         ConfigError: a setting is invalid (the message names it), or ``method="oneshot"``, which is not
             an engine: prune with :func:`~sparsediff.sparse.one_shot_nm` or ``sparsediff finetune
-            --method oneshot``.
+            --method oneshot``; ``masks`` do not fit the model or its budgets.
+        StateError: new random masks would zero weights that are sparse already (a sparse run's
+            checkpoint loaded before ``sparsify``): restore the engine's state, or pass ``masks="weights"``.
     """
     unknown = sorted(set(fields) - _FIELDS)
     if unknown:
@@ -91,7 +109,11 @@ def sparsify(
     resolved = base.replace(**given)
     resolved.validate(None, need_sparsity=False)
     if resolved.structured:
-        return NMSparseEngine(model, optimizer, resolved)
+        if masks is not None:
+            raise ConfigError(
+                "masks= is for static, rigl and magran: N:M masks follow the weights themselves"
+            )
+        return _integrate(NMSparseEngine(model, optimizer, resolved), accelerator, ema)
     if resolved.method == "dense":
         resolved.sparsity = 0.0
     if resolved.dynamic:
@@ -100,4 +122,12 @@ def sparsify(
         UpdateSchedule(resolved.prune_ratio, resolved.update_every, resolved.end_step, resolved.decay)
     else:
         resolved.end_step = None
-    return SparseEngine(model, optimizer, resolved)
+    return _integrate(SparseEngine(model, optimizer, resolved, masks=masks), accelerator, ema)
+
+
+def _integrate(engine: Engine, accelerator: Any | None, ema: Any | None) -> Engine:
+    if accelerator is not None:
+        engine.attach_accelerator(accelerator)
+    if ema is not None:
+        engine.attach_ema(ema)
+    return engine

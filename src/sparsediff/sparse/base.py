@@ -9,7 +9,9 @@ holds:
 - ``step_count``, ``num_updates`` (0 for static and dense), ``pattern`` (``"2:4"`` for N:M, else None),
   ``end_step`` (last topology-update step, or None), ``new_connections()``;
 - ``step()`` after each optimiser step, ``mask_gradients()`` before clipping, ``track_weight_uses()``;
-- ``report()``, ``check_invariants()``, ``state_dict()`` / ``load_state_dict()``, ``remove()``.
+- ``report()``, ``check_invariants()``, ``state_dict()`` / ``load_state_dict()``, ``remove()``;
+- ``attach_accelerator()`` (accelerate checkpoints and sparse clipping), ``attach_ema()`` /
+  ``mask_ema()`` (EMA copies exactly as sparse as the model).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, StateError
+from .integrations import EMATargets, hook_accelerator
 from .spec import SparseSpec
 from .targets import select_targets, unwrap_model
 
@@ -140,6 +143,9 @@ class Engine(abc.ABC):
     STATE_FORMAT: ClassVar[str]  # the format marker of state_dict()
     STATE_LABEL: ClassVar[str] = "engine"  # how error messages name this engine's state
     STATE_KEYS: ClassVar[tuple[str, ...]] = ("method",)  # spec fields a loaded state must agree on
+    # whether attached EMA copies are masked after every update (False: the engine keeps dense
+    # Parameters itself and masks them on use, so an EMA of them stays dense too)
+    MASKS_EMA_UPDATES: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, optimizer: Any | None, spec: SparseSpec):
         if spec.method not in self.METHODS:
@@ -159,6 +165,8 @@ class Engine(abc.ABC):
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._opt_steps = 0  # counted by an optimiser step hook
         self._hooks: list[Any] = []
+        self._emas: list[tuple[EMATargets, Callable[[], None]]] = []  # attached EMA copies, their undo
+        self._cleanups: list[Callable[[], None]] = []  # run by remove()
 
     def _select_targets(self) -> list[tuple[str, nn.Parameter]]:
         return select_targets(self.model, self.spec.include or None, self.spec.exclude or None)
@@ -242,6 +250,9 @@ class Engine(abc.ABC):
             self.step_count += 1
             changed |= self._advance(self.step_count)
         self._end_step(idle=False)
+        if changed and self.MASKS_EMA_UPDATES:
+            for targets, _ in self._emas:  # weights dropped now must leave the EMA copies too
+                self._mask_ema_tensors(targets.tensors())
         return changed
 
     @abc.abstractmethod
@@ -361,8 +372,86 @@ class Engine(abc.ABC):
                     f"{self._shapes[name]} in the model"
                 )
 
+    # ------------------------------------------------------------------ integrations
+
+    def attach_accelerator(self, accelerator: Any, *, checkpoint: bool = True, clip: bool = True) -> Engine:
+        """Keep this engine through an accelerate loop (``sparsify(..., accelerator=acc)`` calls it).
+
+        Call it before ``accelerator.load_state``; before or after ``accelerator.prepare`` both work (the
+        masks follow the parameters to the device ``prepare`` puts them on).
+
+        Args:
+            accelerator: an ``accelerate.Accelerator``.
+            checkpoint: register the engine with ``accelerator.register_for_checkpointing``, so that
+                ``save_state`` writes its state and ``load_state`` restores masks, step count and update
+                schedule exactly. Registered objects are stored by position: register the same objects
+                in the same order in the process that resumes.
+            clip: make ``accelerator.clip_grad_norm_`` mask this engine's gradients first (once the
+                gradient is complete, i.e. when ``accelerator.sync_gradients``), so that the clip norm is
+                the sparse gradient's.
+
+        Returns:
+            the engine.
+        """
+        self._cleanups.append(hook_accelerator(self, accelerator, checkpoint=checkpoint, clip=clip))
+        return self
+
+    def attach_ema(self, ema: Any, parameters: Iterable[torch.Tensor] | None = None) -> Any:
+        """Keep an EMA copy of the model exactly as sparse as the model (``sparsify(..., ema=ema)``).
+
+        The EMA's masked positions are zeroed now, after each of its updates (diffusers' ``EMAModel.step``,
+        ``AveragedModel.update_parameters``; both are wrapped) and after each topology update, so that a
+        weight dropped from the model leaves the EMA at once instead of decaying towards 0. A plain
+        ``nn.Module`` copy has no update to wrap: call :meth:`mask_ema` after updating it. The N:M engine
+        keeps dense Parameters (the forward masks them), so their EMA stays dense as well; call
+        :meth:`mask_ema` before saving it.
+
+        Args:
+            ema: diffusers' ``EMAModel``, torch's ``AveragedModel`` or an ``nn.Module`` copy of the model.
+            parameters: for an ``EMAModel``, the parameters it was built from (default: every parameter
+                of the engine's model, as ``EMAModel(model.parameters())`` has them).
+
+        Returns:
+            ``ema``.
+        """
+        targets = EMATargets(ema, dict(self.named_parameters()), self.model, parameters)
+
+        def after_update() -> None:
+            if self.MASKS_EMA_UPDATES and any(t is targets for t, _ in self._emas):
+                self._mask_ema_tensors(targets.tensors())
+
+        self._emas.append((targets, targets.wrap_update(after_update)))
+        if self.MASKS_EMA_UPDATES:
+            self._mask_ema_tensors(targets.tensors())
+        return ema
+
+    @torch.no_grad()
+    def mask_ema(self, ema: Any, parameters: Iterable[torch.Tensor] | None = None) -> None:
+        """Zero the EMA copy's weights wherever the model's are masked (call it before saving an EMA).
+
+        Takes the same ``ema`` and ``parameters`` as :meth:`attach_ema`; the N:M engine masks each EMA
+        weight with the N:M mask of its own magnitudes, as sampling and export do.
+        """
+        targets = next((t for t, _ in self._emas if t.ema is ema and parameters is None), None)
+        if targets is None:
+            targets = EMATargets(ema, dict(self.named_parameters()), self.model, parameters)
+        self._mask_ema_tensors(targets.tensors())
+
+    @torch.no_grad()
+    def _mask_ema_tensors(self, tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Zero the masked positions of EMA tensors (``(target name, tensor)``), in place."""
+        masks = self.masks
+        for name, t in tensors:
+            t.masked_fill_(masks[name].to(t.device).logical_not(), 0)
+
     def remove(self) -> None:
-        """Detach the engine's hooks."""
+        """Detach the engine's hooks, its EMA copies and its accelerator clipping."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for _, undo in self._emas:
+            undo()
+        self._emas.clear()
+        for undo in self._cleanups:
+            undo()
+        self._cleanups.clear()

@@ -26,7 +26,18 @@ How the invariants are kept, for any ``torch.optim`` optimiser (and wrappers suc
   every inactive position), without a list of optimiser types;
 - random choices (initial masks, MagRan growth) use generators seeded from ``(seed, layer name, step)``,
   so every data-parallel rank makes the same choice and resumption needs no generator state; the masks
-  are still broadcast from rank 0 after every update, and a disagreement is counted in ``stats``.
+  are still broadcast from rank 0 after every update, and a disagreement is counted in ``stats``;
+- masks follow their weights: when a weight moves to another device or dtype (``accelerator.prepare``
+  after ``sparsify``, ``model.half()``), its mask moves with it in the next hook. A model on the meta
+  device gets its masks (made on the CPU, the same as anywhere) once :meth:`SparseEngine.apply_masks` is
+  called after its weights are loaded;
+- nothing trained is zeroed silently. The post-hook records each weight's version counter; when the
+  pre-hook finds one changed by something else (a checkpoint loaded into the model without the engine's
+  state, whose masks and step count then are those of a fresh engine), it checks that weight and
+  refuses the step with a :class:`StateError` if it is non-zero where the mask prunes. The hot path
+  gains one loop over the weights comparing integers and devices (microseconds per step); the check
+  itself runs only on changed weights. ``sparsify`` likewise refuses to put new random masks on weights
+  that are already sparse (a sparse checkpoint loaded before it) when that would zero some of them.
 """
 
 from __future__ import annotations
@@ -39,9 +50,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import StateError
+from ..errors import ConfigError, StateError
 from .base import Engine, derive_seed, dist_world
 from .distribution import layer_budgets, layer_densities
+from .masks import check_given_masks, masks_from_weights, random_mask
 from .schedule import UpdateSchedule
 from .spec import UNSTRUCTURED_METHODS, SparseSpec
 
@@ -102,7 +114,13 @@ class SparseEngine(Engine):
     STATE_LABEL: ClassVar[str] = "engine"
     STATE_KEYS: ClassVar[tuple[str, ...]] = ("method", "sparsity", "distribution")
 
-    def __init__(self, model: nn.Module, optimizer: Any | None, spec: SparseSpec):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Any | None,
+        spec: SparseSpec,
+        masks: str | Mapping[str, torch.Tensor] | None = None,
+    ):
         super().__init__(model, optimizer, spec)
         targets = self._select_targets()
         self.names = [n for n, _ in targets]
@@ -125,12 +143,19 @@ class SparseEngine(Engine):
 
         # Masks are kept in the weight's dtype: multiplying by a float mask is several times faster than
         # by a bool one, and the hot path (two multiplies per step) is all the engine costs between updates.
+        given = self._given_masks(masks) if masks is not None else None
+        self._fresh = given is None  # new random masks (not the user's or restored ones)
         self._masks: dict[str, torch.Tensor] = {}
         for name in self.names:
             p = self._params[name]
-            self._masks[name] = self._initial_mask(name, p).to(device=p.device, dtype=p.dtype)
+            mask = given[name] if given is not None else self._initial_mask(name, p)
+            device = torch.device("cpu") if p.is_meta else p.device  # a meta mask would hold no values
+            self._masks[name] = mask.to(device=device, dtype=p.dtype)
         self._sync_masks(self._masks)
-        self._apply_initial_masks()
+        self._versions: list[int] | None = None  # weight versions after the engine's last write
+        self._pending = any(p.is_meta for p in self._params.values())  # masks not applied yet
+        if not self._pending:
+            self._apply_initial_masks()
         if self.optimizer is not None and spec.method != "dense":
             self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step_hook))
             self._hooks.append(self.optimizer.register_step_post_hook(self._post_step_hook))
@@ -140,30 +165,144 @@ class SparseEngine(Engine):
     # ------------------------------------------------------------------ masks
 
     def _initial_mask(self, name: str, p: torch.Tensor) -> torch.Tensor:
-        numel, budget = p.numel(), self.budgets[name]
-        if budget >= numel:
-            return torch.ones(p.shape, dtype=torch.bool)
-        # CPU generator: the same mask whatever the device, on every rank.
-        scores = torch.rand(
-            numel, generator=_generator(torch.device("cpu"), derive_seed(self.spec.seed, name, "init"))
-        )
-        mask = torch.zeros(numel, dtype=torch.bool)
-        mask[torch.topk(scores, budget, sorted=False).indices] = True
-        return mask.view(p.shape)
+        return random_mask(tuple(p.shape), self.budgets[name], self.spec.seed, name)
+
+    def _given_masks(self, masks: str | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Initial masks from ``sparsify(..., masks=...)`` (bool, on the CPU), checked against the budgets."""
+        if self.spec.method == "dense":
+            raise ConfigError("masks= applies to static, rigl and magran; method 'dense' has no masks")
+        settings = f"sparsity={self.spec.sparsity} with distribution={self.spec.distribution!r}"
+        if isinstance(masks, Mapping):
+            return check_given_masks(masks, self._shapes, self.budgets, settings)
+        if masks != "weights":
+            raise ConfigError(f"masks= takes 'weights' or a mapping of layer name -> mask, got {masks!r}")
+        return masks_from_weights(self._params, self.budgets, self.spec.seed, settings)
 
     @torch.no_grad()
     def _apply_initial_masks(self) -> None:
+        for name, p in self._params.items():
+            if p.is_meta:
+                self._refuse_meta(name)
+        self._follow_devices()
+        if self._fresh:
+            self._refuse_sparse_weights()
         for name in self.names:
             p, m = self._params[name], self._masks[name]
             p.mul_(m)
-            if self.spec.rescale_init:
+            if self.spec.rescale_init and self._fresh:
                 # Keep the output variance of the dense initialisation despite the smaller fan-in.
                 p.div_(math.sqrt(max(self.budgets[name] / p.numel(), 1e-12)))
             self._zero_optimizer_state(p, m.bool())
+        self._pending = False
+        self._record_versions()
+
+    def _refuse_sparse_weights(self) -> None:
+        """Refuse new random masks that would zero weights which already look sparse-trained.
+
+        A layer with at least as many exact zeros as its mask prunes (random or pretrained dense weights
+        have next to none) is sparse already, as when a sparse run's checkpoint was loaded before
+        ``sparsify``; putting other masks on it would destroy trained weights.
+        """
+        bad = []
+        for name in self.names:
+            p, numel, budget = self._params[name].detach(), self._params[name].numel(), self.budgets[name]
+            zeros = numel - int(p.count_nonzero())
+            if budget >= numel or zeros < numel - budget:
+                continue
+            lost = int(p.ne(0).logical_and_(self._masks[name].eq(0)).count_nonzero())
+            if lost:
+                bad.append((name, zeros, lost))
+        if bad:
+            name, zeros, lost = bad[0]
+            more = f" (and {len(bad) - 1} more layer(s))" if len(bad) > 1 else ""
+            raise StateError(
+                f"sparsify() would zero trained weights: layer {name!r} already has {zeros} of "
+                f"{self._params[name].numel()} weights at exactly 0, as a sparse run's weights have, and new "
+                f"random masks would zero {lost} of its non-zero weights{more}. To resume a sparse run, "
+                "restore the engine's state instead of making new masks: sparsify() before loading, then "
+                "accelerator.load_state() with the engine registered (sparsify(..., accelerator=acc)), "
+                "engine.load_state_dict(state) or sparsediff.sparse.load_engine_state(engine, path). To keep "
+                "the sparsity these weights have, pass masks='weights'. To prune them with new random masks "
+                "on purpose, load them after sparsify() and call engine.apply_masks()."
+            )
+
+    # ------------------------------------------------------------------ following the weights
+
+    def _move_mask(self, name: str) -> None:
+        p, m = self._params[name], self._masks[name]
+        self._masks[name] = m.to(device=p.device, dtype=p.dtype)
+        self._bool_cache = None
+
+    def _follow_devices(self) -> None:
+        """Move every mask to its weight's device and dtype (a meta weight keeps its mask where it is)."""
+        for name in self.names:
+            p, m = self._params[name], self._masks[name]
+            if (m.device != p.device or m.dtype != p.dtype) and not p.is_meta:
+                self._move_mask(name)
+
+    @staticmethod
+    def _refuse_meta(name: str) -> None:
+        raise StateError(
+            f"weight {name!r} is on the meta device: materialise the model in place (its Parameters must "
+            "stay the same objects, e.g. torch.__future__.set_swap_module_params_on_conversion(True) before "
+            "to_empty()) and load its weights, or sparsify it after its weights are loaded"
+        )
+
+    def _record_versions(self) -> None:
+        self._versions = [self._params[n]._version for n in self.names]
+
+    def _check_weights(self) -> None:
+        """The pre-step check: masks on their weights' devices, weights changed behind the engine refused.
+
+        Runs before the optimiser touches anything; costs one pass over the weights comparing version
+        counters and devices, plus a look at the masked positions of the weights that changed.
+        """
+        if self._pending:
+            raise StateError(
+                "the engine was built while the model was on the meta device and its masks are not applied "
+                "yet: call engine.apply_masks() once the weights are loaded (before the first step)"
+            )
+        versions = self._versions
+        changed = []
+        for i, name in enumerate(self.names):
+            p, m = self._params[name], self._masks[name]
+            if m.device != p.device or m.dtype != p.dtype:
+                if p.is_meta:
+                    self._refuse_meta(name)
+                self._move_mask(name)
+                changed.append(name)
+            elif versions is None or p._version != versions[i]:
+                changed.append(name)
+        if changed:
+            self._refuse_changed_weights(changed)
+            self._record_versions()
+
+    @torch.no_grad()
+    def _refuse_changed_weights(self, names: list[str]) -> None:
+        found = []
+        for name in names:
+            p, m = self._params[name].detach(), self._masks[name]
+            count = int(p.ne(0).logical_and_(m.eq(0)).count_nonzero())
+            if count:
+                found.append((name, count))
+        if found:
+            name, count = found[0]
+            total = sum(c for _, c in found)
+            raise StateError(
+                f"layer {name!r} has {count} non-zero weights at positions its mask prunes ({total} in "
+                f"{len(found)} layer(s)): the weights were changed outside the engine, as when a checkpoint "
+                "is loaded into the model without the engine's state (masks, step count, update schedule). "
+                "This optimiser step would zero them, so it was refused. To resume, restore the engine "
+                "with the weights: sparsify(..., accelerator=accelerator) (or "
+                "accelerator.register_for_checkpointing(engine)) before accelerator.load_state(), or "
+                "engine.load_state_dict(state) / sparsediff.sparse.load_engine_state(engine, path). To prune "
+                "the new weights with the current masks on purpose, call engine.apply_masks() first."
+            )
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
         """Layer name -> bool mask (True = active). Read-only copies; cached until the next update."""
+        self._follow_devices()
         if self._bool_cache is None:
             self._bool_cache = {n: m.bool() for n, m in self._masks.items()}
         return self._bool_cache
@@ -190,7 +329,21 @@ class SparseEngine(Engine):
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """Zero every masked weight (the post-step hook does this after each optimiser step)."""
+        """Zero every masked weight now (the post-step hook does this after each optimiser step).
+
+        Call it to prune weights loaded into the model on purpose (the next step refuses weights changed
+        outside the engine otherwise), and after loading the weights of a model sparsified on the meta
+        device (its initial masks are applied then).
+        """
+        if self._pending:
+            self._apply_initial_masks()
+            return
+        self._follow_devices()
+        self._mask_weights()
+        self._record_versions()
+
+    @torch.no_grad()
+    def _mask_weights(self) -> None:
         params = [self._params[n] for n in self.names]
         torch._foreach_mul_(params, [self._masks[n] for n in self.names])
 
@@ -203,6 +356,7 @@ class SparseEngine(Engine):
         """
         if self._grads_masked or self.spec.method == "dense":
             return
+        self._check_weights()
         names = [n for n in self.names if self._params[n].grad is not None]
         if self._needs_dense_grads():
             self._dense_grads = {n: self._params[n].grad.detach().abs() for n in names}
@@ -221,9 +375,10 @@ class SparseEngine(Engine):
         self.mask_gradients()
 
     def _post_step_hook(self, optimizer, args, kwargs) -> None:
-        self.apply_masks()
+        self._mask_weights()
         self._opt_steps += 1
         self._grads_masked = False
+        self._record_versions()
 
     def _count_step_hook(self, optimizer, args, kwargs) -> None:
         self._opt_steps += 1
@@ -283,6 +438,7 @@ class SparseEngine(Engine):
             self._zero_optimizer_state(p, survive)
         stats.regrown = stats.grown - stats.new
         self._bool_cache = None
+        self._record_versions()
         self.num_updates += 1
         self.last_update = stats
         return stats.new > 0
@@ -352,10 +508,25 @@ class SparseEngine(Engine):
                 offset += numel
         return mismatch
 
+    @torch.no_grad()
+    def _mask_ema_tensors(self, tensors) -> None:
+        if self.spec.method == "dense":
+            return
+        self._follow_devices()
+        pairs = [(t, self._masks[n]) for n, t in tensors]
+        if not pairs:
+            return
+        if all(t.device == m.device and t.dtype == m.dtype for t, m in pairs):
+            torch._foreach_mul_([t for t, _ in pairs], [m for _, m in pairs])
+        else:
+            for t, m in pairs:
+                t.mul_(m.to(device=t.device, dtype=t.dtype))
+
     # ------------------------------------------------------------------ reports
 
     def check_invariants(self) -> list[str]:
         """Problems found (empty when all hold): masked weights non-zero, active counts off budget."""
+        self._follow_devices()
         problems = []
         for name in self.names:
             p, m = self._params[name], self._masks[name].bool()
@@ -391,6 +562,8 @@ class SparseEngine(Engine):
         self._bool_cache = None
         self._dense_grads = None
         self._grads_masked = False
+        self._versions = None  # the next step checks every weight against the restored masks
+        self._fresh = False  # restored masks: a pending apply_masks() neither checks nor rescales
 
     def __repr__(self) -> str:
         c = self.spec

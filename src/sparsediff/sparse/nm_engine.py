@@ -107,6 +107,7 @@ class NMSparseEngine(Engine):
     STATE_FORMAT: ClassVar[str] = "sparsediff.nm/1"
     STATE_LABEL: ClassVar[str] = "N:M engine"
     STATE_KEYS: ClassVar[tuple[str, ...]] = ("method", "nm", "nm_incompatible")
+    MASKS_EMA_UPDATES: ClassVar[bool] = False  # the Parameters stay dense, and so does their EMA
 
     def __init__(self, model: nn.Module, optimizer: Any | None, spec: SparseSpec):
         schedule = nm_schedule(spec)
@@ -385,6 +386,14 @@ class NMSparseEngine(Engine):
         self._set_pattern(pattern)
         self.num_updates += 1
         return True
+
+    @torch.no_grad()
+    def _mask_ema_tensors(self, tensors) -> None:
+        """Mask each EMA weight with the N:M mask of its own magnitudes (what sampling and export do)."""
+        for name, t in tensors:
+            pattern = self._layer_pattern[name]
+            if pattern is not None:
+                t.masked_fill_(nm_mask(t, pattern.n, pattern.m, self._in_dims[name]).logical_not(), 0)
 
     # ------------------------------------------------------------------ reports
 
