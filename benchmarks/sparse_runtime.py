@@ -118,6 +118,9 @@ def build(preset: str, sparsity: float) -> tuple[nn.Module, dict[str, torch.Tens
     cfg = load_config(preset)
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
+    with torch.no_grad():  # a trained model has no zero-initialised layers (DiT's adaLN-Zero): randomise
+        for p in model.parameters():
+            p.normal_(0.0, 0.5 / max(1, p[0].numel()) ** 0.5 if p.dim() > 1 else 0.1)
     engine = sparsediff.sparsify(model, None, method="static", sparsity=sparsity, distribution="erk")
     masks = dict(engine.masks)
     engine.remove()

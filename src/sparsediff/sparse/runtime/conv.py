@@ -59,6 +59,12 @@ class SparseConv(nn.Module):
     def density(self) -> float:
         return self.values.numel() / max(1, self.out_channels * self.in_channels * self.kh * self.kw)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (masked) weight, for code that reads a layer's ``weight`` (its dtype, device or
+        values); rebuilt on first access and cached. The forward pass does not use it."""
+        return self.dense_weight()
+
     def dense_weight(self) -> torch.Tensor:
         """The dense (masked) weight in the original layer's shape, rebuilt and cached."""
         if self._dense is None:

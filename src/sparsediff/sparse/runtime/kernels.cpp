@@ -6,7 +6,8 @@
 // panel, row by row (CSR): row_ptr[p, m] .. row_ptr[p, m + 1] index `cols` (relative to the panel) and
 // `values`.
 //
-// Per work item (a block of W input rows, W = 64, or 16 for small batches, a range of output rows):
+// Per work item (a block of W input rows -- W from 8 to 112, chosen by tile_width for N -- and a range
+// of output rows):
 //   - the block of x is packed transposed into a thread-local buffer: xp[k][c] = x[W b + c, k]
 //     (zero-padded past N). Rows of x have a power-of-two stride in typical models; reading them in place
 //     would thrash the cache, the packed block is contiguous.
@@ -37,23 +38,70 @@
 
 namespace {
 
+// Transpose an 8 x 8 block: dst[j * ld_dst + i] = src[i * ld_src + j] for i, j < 8.
+inline void transpose8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+#if SPARSEDIFF_AVX2
+  __m256 r0 = _mm256_loadu_ps(src + 0 * ld_src), r1 = _mm256_loadu_ps(src + 1 * ld_src),
+         r2 = _mm256_loadu_ps(src + 2 * ld_src), r3 = _mm256_loadu_ps(src + 3 * ld_src),
+         r4 = _mm256_loadu_ps(src + 4 * ld_src), r5 = _mm256_loadu_ps(src + 5 * ld_src),
+         r6 = _mm256_loadu_ps(src + 6 * ld_src), r7 = _mm256_loadu_ps(src + 7 * ld_src);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+               t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+               t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+               u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+               u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+               u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(dst + 0 * ld_dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + 1 * ld_dst, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * ld_dst, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * ld_dst, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * ld_dst, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * ld_dst, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * ld_dst, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * ld_dst, _mm256_permute2f128_ps(u3, u7, 0x31));
+#else
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+#endif
+}
+
 // dst[k][c] = x[b * W + c][k] for c < rows, 0 for c >= rows
 template <int W>
 void pack_block(const float* x, int64_t n, int64_t k, int64_t b, float* dst) {
   const int64_t rows = std::min<int64_t>(W, n - b * W);
   if (rows < W) std::memset(dst, 0, sizeof(float) * k * W);
+  const float* base = x + b * W * k;
   int64_t c = 0;
-  for (; c + 8 <= rows; c += 8) {  // eight rows at a time: eight streams read, one contiguous write
-    const float* s = x + (b * W + c) * k;
-    for (int64_t kk = 0; kk < k; ++kk) {
-      float* d = dst + kk * W + c;
-      for (int j = 0; j < 8; ++j) d[j] = s[j * k + kk];
+  for (; c + 8 <= rows; c += 8) {
+    int64_t kk = 0;
+    for (; kk + 8 <= k; kk += 8) transpose8(base + c * k + kk, k, dst + kk * W + c, W);
+    for (; kk < k; ++kk)
+      for (int j = 0; j < 8; ++j) dst[kk * W + c + j] = base[(c + j) * k + kk];
+  }
+  for (; c < rows; ++c)
+    for (int64_t kk = 0; kk < k; ++kk) dst[kk * W + c] = base[c * k + kk];
+}
+
+// y[c][r0 + r] = acc[r][c] + bias[r0 + r] for r < nr, c < nc (acc has rows of W floats, y rows of m)
+template <int W>
+void unpack_tile(const float* acc, int64_t nr, int64_t nc, const float* bias, float* y, int64_t m) {
+  alignas(32) float t[64];
+  int64_t r = 0;
+  for (; r + 8 <= nr; r += 8) {
+    int64_t c = 0;
+    for (; c + 8 <= nc; c += 8) {
+      transpose8(acc + r * W + c, W, t, 8);
+      for (int j = 0; j < 8; ++j) {
+        float* dst = y + (c + j) * m + r;
+        for (int i = 0; i < 8; ++i) dst[i] = t[j * 8 + i] + (bias ? bias[r + i] : 0.0f);
+      }
     }
+    for (; c < nc; ++c)
+      for (int i = 0; i < 8; ++i) y[c * m + r + i] = acc[(r + i) * W + c] + (bias ? bias[r + i] : 0.0f);
   }
-  for (; c < rows; ++c) {
-    const float* s = x + (b * W + c) * k;
-    for (int64_t kk = 0; kk < k; ++kk) dst[kk * W + c] = s[kk];
-  }
+  for (; r < nr; ++r)
+    for (int64_t c = 0; c < nc; ++c) y[c * m + r] = acc[r * W + c] + (bias ? bias[r] : 0.0f);
 }
 
 // acc[0..W) (+)= sum over p in [begin, end) of val[p] * xb[idx[p] * S .. idx[p] * S + W)
@@ -64,15 +112,15 @@ inline void row_tile(const int32_t* idx, const float* val, int64_t begin, int64_
 #if SPARSEDIFF_AVX2
   constexpr int R = W / 8;
   __m256 a[R];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) a[r] = add ? _mm256_loadu_ps(acc + 8 * r) : _mm256_setzero_ps();
   for (int64_t p = begin; p < end; ++p) {
     const __m256 v = _mm256_broadcast_ss(val + p);
     const float* xk = xb + static_cast<int64_t>(idx[p]) * S;
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xk + 8 * r), a[r]);
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc + 8 * r, a[r]);
 #else
   if (!add) std::memset(acc, 0, sizeof(float) * W);
@@ -112,10 +160,7 @@ void spmm_impl(const float* xd, int64_t n, int64_t k, const int64_t* rp, int64_t
           row_tile<W, W>(col, val, r[row], r[row + 1], xb, acc.data() + (row - r0) * W, p > 0);
       }
       const int64_t cols = std::min<int64_t>(W, n - b * W);
-      for (int64_t c = 0; c < cols; ++c) {
-        float* dst = yd + (b * W + c) * m;
-        for (int64_t row = r0; row < r1; ++row) dst[row] = acc[(row - r0) * W + c] + (bd ? bd[row] : 0.0f);
-      }
+      unpack_tile<W>(acc.data(), r1 - r0, cols, bd ? bd + r0 : nullptr, yd + b * W * m + r0, m);
     }
   };
   if (parallel) {
@@ -125,7 +170,36 @@ void spmm_impl(const float* xd, int64_t n, int64_t k, const int64_t* rp, int64_t
   }
 }
 
+// The tile width for `count` columns (batch rows of a linear, output positions of a convolution). Per
+// non-zero a tile of width w costs w / 8 FMAs plus about two instructions of its own (the broadcast, the
+// index): the width minimising tiles x (w / 8 + 2) balances padding waste against that overhead.
+int tile_width(int64_t count) {
+  static const int widths[] = {8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112};
+  int best = 64;
+  int64_t best_cost = (count + 63) / 64 * (64 / 8 + 2);
+  for (int w : widths) {
+    const int64_t cost = (count + w - 1) / w * (w / 8 + 2);
+    if (cost < best_cost) best = w, best_cost = cost;
+  }
+  return best;
+}
+
 }  // namespace
+
+#define SPARSEDIFF_DISPATCH_WIDTH(width, CALL) \
+  switch (width) {                             \
+    case 8: CALL(8); break;                    \
+    case 16: CALL(16); break;                  \
+    case 24: CALL(24); break;                  \
+    case 32: CALL(32); break;                  \
+    case 40: CALL(40); break;                  \
+    case 48: CALL(48); break;                  \
+    case 56: CALL(56); break;                  \
+    case 80: CALL(80); break;                  \
+    case 96: CALL(96); break;                  \
+    case 112: CALL(112); break;                \
+    default: CALL(64); break;                  \
+  }
 
 // x: (N, K) float32; row_ptr: (P, M + 1) int64 (P panels of `panel` input features); cols: (nnz) int32,
 // relative to their panel; values: (nnz) float32; bias: (M) float32 or empty; grain: multiply-adds below
@@ -147,13 +221,11 @@ torch::Tensor spmm_linear(torch::Tensor x, torch::Tensor row_ptr, torch::Tensor 
   TORCH_CHECK(!has_bias || bias.numel() == m, "spmm_linear: bias has ", bias.numel(), " entries, expected ", m);
   if (has_bias) bias = bias.contiguous();
   const float* bd = has_bias ? bias.data_ptr<float>() : nullptr;
-  if (n >= 64) {
-    spmm_impl<64>(x.data_ptr<float>(), n, k, row_ptr.data_ptr<int64_t>(), panels, panel, m, cols.data_ptr<int32_t>(),
-                  values.data_ptr<float>(), values.numel(), bd, y.data_ptr<float>(), grain);
-  } else {  // small batches: narrower blocks waste less on padding
-    spmm_impl<16>(x.data_ptr<float>(), n, k, row_ptr.data_ptr<int64_t>(), panels, panel, m, cols.data_ptr<int32_t>(),
-                  values.data_ptr<float>(), values.numel(), bd, y.data_ptr<float>(), grain);
-  }
+#define SPARSEDIFF_SPMM(WIDTH)                                                                                \
+  spmm_impl<WIDTH>(x.data_ptr<float>(), n, k, row_ptr.data_ptr<int64_t>(), panels, panel, m, cols.data_ptr<int32_t>(), \
+                   values.data_ptr<float>(), values.numel(), bd, y.data_ptr<float>(), grain)
+  SPARSEDIFF_DISPATCH_WIDTH(tile_width(n), SPARSEDIFF_SPMM);
+#undef SPARSEDIFF_SPMM
   return y;
 }
 
@@ -164,7 +236,7 @@ torch::Tensor spmm_linear(torch::Tensor x, torch::Tensor row_ptr, torch::Tensor 
 // the padded grid; a tap (c, ky, kx) of the kernel then reads xp at q + c * Hp * Wp + ky * dh * Wp +
 // kx * dw, so W consecutive positions read W consecutive floats. Each non-zero weight is one broadcast
 // and W / 8 FMAs over W output positions, with no im2col; the (Wp - Wo) positions at the end of each
-// padded row are computed and dropped. W is 64, or 16 for small images (less waste in the last tile).
+// padded row are computed and dropped. W (8 to 112) is chosen by tile_width for the positions of an image.
 // Weights are stored by output channel (CSR) with the tap code c * KH * KW + ky * KW + kx; codes become
 // offsets once per call, for this input size.
 namespace {
@@ -181,12 +253,13 @@ void conv_impl(const float* xp, int64_t nb, int64_t c_out, int64_t image, int64_
       const float* xb = xp + b * image;
       float* dst = yd + i * ho * wo;
       const float bias_o = bd ? bd[o] : 0.0f;
+      int64_t r = 0, col = 0;  // output row and column of the tile's first position
       for (int64_t t = 0; t < tiles; ++t) {
         row_tile<W, 1>(off, val, rp[o], rp[o + 1], xb + t * W, acc, false);
-        const int64_t q1 = std::min(positions, (t + 1) * W);
-        for (int64_t q = t * W; q < q1; ++q) {
-          const int64_t r = q / wp, col = q % wp;
-          if (col < wo) dst[r * wo + col] = acc[q - t * W] + bias_o;
+        const int64_t count = std::min<int64_t>(W, positions - t * W);
+        for (int64_t i = 0; i < count; ++i) {
+          if (col < wo) dst[r * wo + col] = acc[i] + bias_o;
+          if (++col == wp) col = 0, ++r;
         }
       }
     }
@@ -220,8 +293,8 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor row_ptr, torch::Tenso
   if (has_bias) bias = bias.contiguous();
   const int64_t plane = hp * wp, image = c_in * plane;
   const int64_t positions = ho * wp;  // output positions computed per image (on the padded grid)
-  // slack: the last tile of the last image reads up to one (64-wide) tile past its end
-  std::vector<float> xp(static_cast<size_t>(nb * image + 2 * 64 + wp), 0.0f);
+  // slack: the last tile of the last image reads up to one (widest) tile past its end
+  std::vector<float> xp(static_cast<size_t>(nb * image + 2 * 128 + wp), 0.0f);
   const float* xd = x.data_ptr<float>();
   const int64_t nnz = values.numel();
   const bool parallel = nnz * positions * nb >= grain && at::get_num_threads() > 1;
@@ -245,13 +318,11 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor row_ptr, torch::Tenso
   }
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const float* bd = has_bias ? bias.data_ptr<float>() : nullptr;
-  if (positions >= 256) {
-    conv_impl<64>(xp.data(), nb, c_out, image, positions, wp, ho, wo, rp, off.data(), values.data_ptr<float>(), bd,
-                  y.data_ptr<float>(), parallel);
-  } else {
-    conv_impl<16>(xp.data(), nb, c_out, image, positions, wp, ho, wo, rp, off.data(), values.data_ptr<float>(), bd,
-                  y.data_ptr<float>(), parallel);
-  }
+#define SPARSEDIFF_CONV(WIDTH)                                                                              \
+  conv_impl<WIDTH>(xp.data(), nb, c_out, image, positions, wp, ho, wo, rp, off.data(), values.data_ptr<float>(), bd, \
+                   y.data_ptr<float>(), parallel)
+  SPARSEDIFF_DISPATCH_WIDTH(tile_width(positions), SPARSEDIFF_CONV);
+#undef SPARSEDIFF_CONV
   return y;
 }
 
@@ -266,8 +337,8 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor row_ptr, torch::Tenso
 // the reverse direction starts at each sequence's own last step. Returns the outputs (T, H, B), transposed,
 // and the final states (B, H).
 // Everything is laid out with the batch last, so each non-zero of W_hh updates B contiguous sums and the
-// gates run eight sequences per AVX instruction (a vectorised exp). Runs on one thread: the matrices are
-// small, and starting threads at every step would cost more than the step.
+// gates run eight sequences per AVX instruction (a vectorised exp). Threads split the batch, never the
+// steps: starting threads at every step would cost more than the step.
 namespace {
 
 #if SPARSEDIFF_AVX2
@@ -332,55 +403,68 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
   const float* h0d = h0.data_ptr<float>();
   for (int64_t b = 0; b < nb; ++b)
     for (int64_t j = 0; j < hidden; ++j) ht[j * nb + b] = h0d[b * hidden + j];
-  for (int64_t s = 0; s < steps; ++s) {
-    const int64_t t = reverse ? steps - 1 - s : s;
-    if (ragged)
-      for (int64_t b = 0; b < nb; ++b) live[b] = t < len[b] ? 1.0f : 0.0f;
-    for (int64_t r = 0; r < 3 * hidden; ++r) {  // gh = W_hh h + b_hh
-      float* acc = gh.data() + r * nb;
-      const float init = bh ? bh[r] : 0.0f;
-      for (int64_t b = 0; b < nb; ++b) acc[b] = init;
-      for (int64_t p = rp[r]; p < rp[r + 1]; ++p) {
-        const float v = val[p];
-        const float* hk = ht.data() + static_cast<int64_t>(col[p]) * nb;
-        for (int64_t b = 0; b < nb; ++b) acc[b] += v * hk[b];
-      }
-    }
-    const float* gt = g + t * 3 * hidden * nb;
-    float* ot = o + t * hidden * nb;
-    for (int64_t j = 0; j < hidden; ++j) {
-      float* hj = ht.data() + j * nb;
-      const float *gir = gt + j * nb, *giz = gt + (hidden + j) * nb, *gin = gt + (2 * hidden + j) * nb;
-      const float *ghr = gh.data() + j * nb, *ghz = gh.data() + (hidden + j) * nb,
-                  *ghn = gh.data() + (2 * hidden + j) * nb;
-      float* oj = ot + j * nb;
-      int64_t b = 0;
-#if SPARSEDIFF_AVX2
-      for (; b + 8 <= nb; b += 8) {
-        const __m256 r = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(gir + b), _mm256_loadu_ps(ghr + b)));
-        const __m256 z = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(giz + b), _mm256_loadu_ps(ghz + b)));
-        const __m256 n = tanh8(_mm256_fmadd_ps(r, _mm256_loadu_ps(ghn + b), _mm256_loadu_ps(gin + b)));
-        const __m256 h_old = _mm256_loadu_ps(hj + b);
-        // (1 - z) n + z h
-        const __m256 h = _mm256_fmadd_ps(z, h_old, _mm256_fnmadd_ps(z, n, n));
-        const __m256 on = _mm256_cmp_ps(_mm256_loadu_ps(live.data() + b), _mm256_setzero_ps(), _CMP_NEQ_OQ);
-        _mm256_storeu_ps(hj + b, _mm256_blendv_ps(h_old, h, on));
-        _mm256_storeu_ps(oj + b, _mm256_blendv_ps(_mm256_setzero_ps(), h, on));
-      }
-#endif
-      for (; b < nb; ++b) {
-        if (live[b] == 0.0f) {  // past this sequence's end: state unchanged, output 0
-          oj[b] = 0.0f;
-          continue;
+  // Sequences are independent: with several threads each takes a slice of the batch (a multiple of eight)
+  // for the whole recurrence, so threads start once per call, not once per step.
+  auto run = [&](int64_t b0, int64_t b1) {
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t t = reverse ? steps - 1 - s : s;
+      if (ragged)
+        for (int64_t b = b0; b < b1; ++b) live[b] = t < len[b] ? 1.0f : 0.0f;
+      for (int64_t r = 0; r < 3 * hidden; ++r) {  // gh = W_hh h + b_hh
+        float* acc = gh.data() + r * nb;
+        const float init = bh ? bh[r] : 0.0f;
+        for (int64_t b = b0; b < b1; ++b) acc[b] = init;
+        for (int64_t p = rp[r]; p < rp[r + 1]; ++p) {
+          const float v = val[p];
+          const float* hk = ht.data() + static_cast<int64_t>(col[p]) * nb;
+          for (int64_t b = b0; b < b1; ++b) acc[b] += v * hk[b];
         }
-        const float r = sigmoid1(gir[b] + ghr[b]);
-        const float z = sigmoid1(giz[b] + ghz[b]);
-        const float n = std::tanh(gin[b] + r * ghn[b]);
-        const float h = (1.0f - z) * n + z * hj[b];
-        hj[b] = h;
-        oj[b] = h;
+      }
+      const float* gt = g + t * 3 * hidden * nb;
+      float* ot = o + t * hidden * nb;
+      for (int64_t j = 0; j < hidden; ++j) {
+        float* hj = ht.data() + j * nb;
+        const float *gir = gt + j * nb, *giz = gt + (hidden + j) * nb, *gin = gt + (2 * hidden + j) * nb;
+        const float *ghr = gh.data() + j * nb, *ghz = gh.data() + (hidden + j) * nb,
+                    *ghn = gh.data() + (2 * hidden + j) * nb;
+        float* oj = ot + j * nb;
+        int64_t b = b0;
+#if SPARSEDIFF_AVX2
+        for (; b + 8 <= b1; b += 8) {
+          const __m256 r = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(gir + b), _mm256_loadu_ps(ghr + b)));
+          const __m256 z = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(giz + b), _mm256_loadu_ps(ghz + b)));
+          const __m256 n = tanh8(_mm256_fmadd_ps(r, _mm256_loadu_ps(ghn + b), _mm256_loadu_ps(gin + b)));
+          const __m256 h_old = _mm256_loadu_ps(hj + b);
+          // (1 - z) n + z h
+          const __m256 h = _mm256_fmadd_ps(z, h_old, _mm256_fnmadd_ps(z, n, n));
+          const __m256 on = _mm256_cmp_ps(_mm256_loadu_ps(live.data() + b), _mm256_setzero_ps(), _CMP_NEQ_OQ);
+          _mm256_storeu_ps(hj + b, _mm256_blendv_ps(h_old, h, on));
+          _mm256_storeu_ps(oj + b, _mm256_blendv_ps(_mm256_setzero_ps(), h, on));
+        }
+#endif
+        for (; b < b1; ++b) {
+          if (live[b] == 0.0f) {  // past this sequence's end: state unchanged, output 0
+            oj[b] = 0.0f;
+            continue;
+          }
+          const float r = sigmoid1(gir[b] + ghr[b]);
+          const float z = sigmoid1(giz[b] + ghz[b]);
+          const float n = std::tanh(gin[b] + r * ghn[b]);
+          const float h = (1.0f - z) * n + z * hj[b];
+          hj[b] = h;
+          oj[b] = h;
+        }
       }
     }
+  };
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && nb >= 16) {
+    const int64_t chunk = ((nb + threads - 1) / threads + 7) / 8 * 8;
+    at::parallel_for(0, (nb + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) run(c * chunk, std::min(nb, (c + 1) * chunk));
+    });
+  } else {
+    run(0, nb);
   }
   auto last = torch::empty({nb, hidden}, gi.options());
   float* ld = last.data_ptr<float>();

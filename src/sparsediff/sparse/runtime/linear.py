@@ -60,6 +60,12 @@ class SparseLinear(nn.Module):
     def density(self) -> float:
         return self.nnz / max(1, self.out_features * self.in_features)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (masked) weight, for code that reads a layer's ``weight`` (its dtype, device or
+        values); rebuilt on first access and cached. The forward pass does not use it."""
+        return self.dense_weight()
+
     def dense_weight(self) -> torch.Tensor:
         """The dense (masked) weight, rebuilt from the compressed one and cached."""
         if self._dense is None:
