@@ -331,3 +331,67 @@ def test_measured_choice_reports_each_layer_and_keeps_unreached_layers_dense(bui
     assert type(fast.unused) is nn.Linear
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def _randomised(model: nn.Module) -> nn.Module:
+    """Random weights everywhere: a trained model has no zero-initialised layers (DiT's adaLN-Zero)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            scale = 0.5 / max(1, p[0].numel()) ** 0.5 if p.dim() > 1 else 0.1
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "kind,args,batch",
+    [
+        (
+            "unet2d",
+            {
+                "sample_size": 8,
+                "in_channels": 4,
+                "out_channels": 4,
+                "block_out_channels": [16, 32],
+                "layers_per_block": 1,
+                "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+                "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+                "attention_head_dim": 8,
+                "norm_num_groups": 8,
+            },
+            3,
+        ),
+        ("dit", {"size": "DiT-XS", "input_size": 8, "in_channels": 4, "patch_size": 2, "depth": 2}, 2),
+        ("chirodiff-gru", {"hidden": 24, "layers": 2, "time_dim": 8, "num_timesteps": 1000}, 5),
+    ],
+)
+@pytest.mark.parametrize("measured", [False, True])
+def test_every_denoiser_family_runs_sparse_with_the_same_outputs(built, kind, args, batch, measured):
+    import sparsediff
+    from sparsediff.config import ModelSpec
+    from sparsediff.models import build_model
+
+    torch.manual_seed(0)
+    model = _randomised(build_model(ModelSpec(kind=kind, args=dict(args))))
+    engine = sparsediff.sparsify(model, None, method="static", sparsity=0.9, distribution="erk")
+    masks = dict(engine.masks)
+    engine.remove()
+    xs = list(model.example_inputs(batch))
+    xs[0] = torch.randn(xs[0].shape, generator=torch.Generator().manual_seed(1))
+    if kind == "chirodiff-gru":  # ragged sequences: the packed GRU path
+        xs[2] = torch.tensor([64, 5, 33, 1, 64][:batch])
+    report: dict = {}
+    fast = to_sparse_inference(
+        model,
+        masks,
+        example_inputs=tuple(xs) if measured else None,
+        max_density=None if measured else 0.5,
+        report=report,
+    )
+    if not measured:
+        assert all(r["sparse"] for r in report.values())  # every candidate converted: all kernels at work
+        assert any(isinstance(m, (SparseConv, SparseGRU)) for m in fast.modules()) or kind == "dit"
+    with torch.no_grad():
+        want = model(*xs)
+        got = fast(*xs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
