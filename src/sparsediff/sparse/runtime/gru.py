@@ -104,10 +104,15 @@ class SparseGRU(nn.Module):
             gru = self.dense_gru().to(data.device, data.dtype)
             return gru(x, h0)
         lengths = torch.empty(0, dtype=torch.int64)
+        order = None
         if packed:
             seq, lengths = pad_packed_sequence(x)  # (T, B, F) in the caller's batch order
             lengths = lengths.to(torch.int64)
             unbatched = False
+            if x.sorted_indices is not None:  # longest first: the running sequences are a prefix
+                order = x.sorted_indices.to(seq.device)
+                seq, lengths = seq.index_select(1, order), lengths[order.cpu()]
+                h0 = None if h0 is None else h0.index_select(1, order)
         else:
             unbatched = x.dim() == 2
             seq = x.unsqueeze(1) if unbatched else (x.transpose(0, 1) if self.batch_first else x)  # (T, B, F)
@@ -134,6 +139,9 @@ class SparseGRU(nn.Module):
             inp = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         h_n = torch.stack(finals)
         if packed:
+            if order is not None:  # back to the caller's order
+                back = x.unsorted_indices.to(inp.device)
+                inp, h_n = inp.index_select(1, back), h_n.index_select(1, back)
             return _repack(inp, x), h_n
         if unbatched:
             return inp.squeeze(1), h_n.squeeze(1)

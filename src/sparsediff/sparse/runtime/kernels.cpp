@@ -384,12 +384,23 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
   const int64_t steps = gi.size(0), nb = gi.size(2), hidden = h0.size(1);
   TORCH_CHECK(gi.size(1) == 3 * hidden && h0.size(0) == nb && row_ptr.numel() == 3 * hidden + 1,
               "gru_recurrence: shapes of gi, W_hh and h0 disagree");
-  auto out = torch::empty({steps, hidden, nb}, gi.options());
+  auto out = torch::zeros({steps, hidden, nb}, gi.options());  // 0 past each sequence's end
   const bool ragged = lengths.numel() > 0;
   TORCH_CHECK(!ragged || (lengths.numel() == nb && lengths.scalar_type() == torch::kInt64),
               "gru_recurrence: lengths must hold one int64 per sequence");
   if (ragged) lengths = lengths.contiguous();
   const int64_t* len = ragged ? lengths.data_ptr<int64_t>() : nullptr;
+  // With lengths in non-increasing order (a packed batch's order) the sequences still running at step t
+  // are a prefix of the batch, active[t] long: the work of a step shrinks with it, as for a packed GRU.
+  std::vector<int64_t> active(static_cast<size_t>(steps), nb);
+  bool sorted = ragged;
+  for (int64_t b = 1; ragged && b < nb; ++b) sorted = sorted && len[b - 1] >= len[b];
+  if (sorted)
+    for (int64_t t = 0; t < steps; ++t) {
+      int64_t count = 0;
+      while (count < nb && len[count] > t) ++count;
+      active[t] = count;
+    }
   const float* g = gi.data_ptr<float>();
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int32_t* col = cols.data_ptr<int32_t>();
@@ -408,12 +419,15 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
   auto run = [&](int64_t b0, int64_t b1) {
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t t = reverse ? steps - 1 - s : s;
+      // this step's end of the slice: past the running prefix (rounded up to whole vectors) nothing changes
+      const int64_t b_end = std::min(b1, b0 + (std::max<int64_t>(active[t] - b0, 0) + 7) / 8 * 8);
+      if (b_end <= b0) continue;
       if (ragged)
-        for (int64_t b = b0; b < b1; ++b) live[b] = t < len[b] ? 1.0f : 0.0f;
+        for (int64_t b = b0; b < b_end; ++b) live[b] = t < len[b] ? 1.0f : 0.0f;
       // gh = W_hh h + b_hh, eight sequences at a time: a row's sum stays in one register
       int64_t bv = b0;
 #if SPARSEDIFF_AVX2
-      for (; bv + 8 <= b1; bv += 8) {
+      for (; bv + 8 <= b_end; bv += 8) {
         const float* hb = ht.data() + bv;
         for (int64_t r = 0; r < 3 * hidden; ++r) {
           __m256 a = _mm256_set1_ps(bh ? bh[r] : 0.0f);
@@ -427,11 +441,11 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
       for (int64_t r = 0; r < 3 * hidden; ++r) {
         float* acc = gh.data() + r * nb;
         const float init = bh ? bh[r] : 0.0f;
-        for (int64_t b = bv; b < b1; ++b) acc[b] = init;
+        for (int64_t b = bv; b < b_end; ++b) acc[b] = init;
         for (int64_t p = rp[r]; p < rp[r + 1]; ++p) {
           const float v = val[p];
           const float* hk = ht.data() + static_cast<int64_t>(col[p]) * nb;
-          for (int64_t b = bv; b < b1; ++b) acc[b] += v * hk[b];
+          for (int64_t b = bv; b < b_end; ++b) acc[b] += v * hk[b];
         }
       }
       const float* gt = g + t * 3 * hidden * nb;
@@ -444,7 +458,7 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
         float* oj = ot + j * nb;
         int64_t b = b0;
 #if SPARSEDIFF_AVX2
-        for (; b + 8 <= b1; b += 8) {
+        for (; b + 8 <= b_end; b += 8) {
           const __m256 r = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(gir + b), _mm256_loadu_ps(ghr + b)));
           const __m256 z = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(giz + b), _mm256_loadu_ps(ghz + b)));
           const __m256 n = tanh8(_mm256_fmadd_ps(r, _mm256_loadu_ps(ghn + b), _mm256_loadu_ps(gin + b)));
@@ -453,14 +467,11 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
           const __m256 h = _mm256_fmadd_ps(z, h_old, _mm256_fnmadd_ps(z, n, n));
           const __m256 on = _mm256_cmp_ps(_mm256_loadu_ps(live.data() + b), _mm256_setzero_ps(), _CMP_NEQ_OQ);
           _mm256_storeu_ps(hj + b, _mm256_blendv_ps(h_old, h, on));
-          _mm256_storeu_ps(oj + b, _mm256_blendv_ps(_mm256_setzero_ps(), h, on));
+          _mm256_storeu_ps(oj + b, _mm256_blendv_ps(_mm256_setzero_ps(), h, on));  // 0 when finished
         }
 #endif
-        for (; b < b1; ++b) {
-          if (live[b] == 0.0f) {  // past this sequence's end: state unchanged, output 0
-            oj[b] = 0.0f;
-            continue;
-          }
+        for (; b < b_end; ++b) {
+          if (live[b] == 0.0f) continue;  // past this sequence's end: state unchanged, output 0
           const float r = sigmoid1(gir[b] + ghr[b]);
           const float z = sigmoid1(giz[b] + ghz[b]);
           const float n = std::tanh(gin[b] + r * ghn[b]);
