@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from sparsediff.checkpoint import CheckpointDir, directory_nbytes, load_tensors
+from sparsediff.checkpoint import directory_nbytes, load_tensors
+from sparsediff.run import RunDir
 
 PRESETS = ("ldm-fmnist", "chirodiff-kanjivg-cpu")
 FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "engine.safetensors")
@@ -59,7 +60,7 @@ def measure(preset: str, work: Path, steps: int) -> dict:
     runs = {}
     for method in ("dense", "rigl"):
         out = work / f"{preset}-{method}"
-        if not (out / "summary.json").exists():
+        if not RunDir(out).summary_path.exists():
             cli(
                 "train", "--preset", preset, *extra, "--method", method, "--sparsity", "0.9",
                 "--steps", str(steps), "--set", f"train.ckpt_every={steps}", "--out", str(out), "--quiet",
@@ -84,7 +85,7 @@ def measure(preset: str, work: Path, steps: int) -> dict:
             *(["--dtype", dtype] if dtype else []),
         )
         files[key] = path.stat().st_size
-    dense_ckpt, rigl_ckpt = (CheckpointDir(runs[m] / "checkpoints").latest() for m in ("dense", "rigl"))
+    dense_ckpt, rigl_ckpt = (RunDir(runs[m]).checkpoints.latest() for m in ("dense", "rigl"))
     result = {
         "preset": preset,
         "steps": steps,
