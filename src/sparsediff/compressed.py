@@ -52,15 +52,19 @@ def format_bytes(n: float | None) -> str:
 
 
 def _prepare(
-    run_dir: str | Path, dtype: str | None, use_ema: bool
+    run_dir: str | Path, dtype: str | None, use_ema: bool, loaded: tuple | None = None
 ) -> tuple[RunConfig, nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
-    """The run's masked model in the export dtype, its masks, and what the export says about itself."""
+    """The run's masked model in the export dtype, its masks, and what the export says about itself.
+
+    ``loaded``: what :func:`~sparsediff.run.load_model_and_masks` returned for this run, to reuse it.
+    """
     import torch
 
     name = SPARSE_DTYPES.get(dtype or "float32")
     if name is None:
         raise ConfigError(f"--dtype must be one of float32, float16, bfloat16, got {dtype!r}")
-    cfg, model, masks, info = load_model_and_masks(run_dir, use_ema)
+    cfg, model, masks, info = loaded if loaded is not None else load_model_and_masks(run_dir, use_ema)
+    info = dict(info)
     model.to(getattr(torch, name))
     params = sum(p.numel() for p in model.parameters())
     masked = sum(m.numel() for m in masks.values())
@@ -115,11 +119,17 @@ def export_sparse(
     return {**info, "out": str(out), "bytes": out.stat().st_size}
 
 
-def sparse_export_nbytes(run_dir: str | Path, dtype: str | None = None, use_ema: bool = True) -> int:
-    """The exact size in bytes of the file ``export_sparse(run_dir, ..., dtype, use_ema)`` would write."""
+def sparse_export_nbytes(
+    run_dir: str | Path, dtype: str | None = None, use_ema: bool = True, loaded: tuple | None = None
+) -> int:
+    """The exact size in bytes of the file ``export_sparse(run_dir, ..., dtype, use_ema)`` would write.
+
+    ``loaded``: the run's ``load_model_and_masks(run_dir, use_ema)``, when the caller has it already (the
+    model is cast to ``dtype`` in place).
+    """
     from .sparse.compress import serialized_nbytes
 
-    return serialized_nbytes(**sparse_export_payload(*_prepare(run_dir, dtype, use_ema)))
+    return serialized_nbytes(**sparse_export_payload(*_prepare(run_dir, dtype, use_ema, loaded)))
 
 
 def load_sparse_export(

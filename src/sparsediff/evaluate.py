@@ -22,7 +22,7 @@ import torch
 from .checkpoint import directory_nbytes
 from .compressed import sparse_export_nbytes
 from .config import RunConfig
-from .run import RunDir, load_for_inference
+from .run import RunDir, load_model_and_masks
 from .sample import generate, save_grid
 from .sparse import count_flops
 
@@ -74,8 +74,9 @@ def evaluate_run(
         device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
 
-    # parameters and FLOPs of the model that was sampled (EMA weights with the final masks)
-    _, _, model, _ = load_for_inference(run, use_ema, "cpu")
+    # parameters, FLOPs and bytes of the model that was sampled (EMA weights with the final masks)
+    loaded = load_model_and_masks(run, use_ema)
+    model = loaded[1]
     targets = _target_names(cfg, model)
     flops = count_flops(model, task.example_inputs(model), None, targets=targets)
     params_total = sum(p.numel() for p in model.parameters())
@@ -105,7 +106,7 @@ def evaluate_run(
         "checkpoint": info["checkpoint"],
         # bytes on disk: the checkpoint directory sampled from, and `export --format sparse` (float32)
         "checkpoint_bytes": directory_nbytes(Path(info["checkpoint"])),
-        "model_bytes": sparse_export_nbytes(run, use_ema=use_ema),
+        "model_bytes": sparse_export_nbytes(run, use_ema=use_ema, loaded=loaded),
         "params_total": params_total,
         "params_nonzero": params_nonzero,
         "density": params_nonzero / params_total,

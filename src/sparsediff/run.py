@@ -39,6 +39,7 @@ from .checkpoint import (
 )
 from .config import RunConfig, config_from_dict, flatten
 from .errors import ConfigError, StateError
+from .sparse.masks import mask_mismatch
 
 __all__ = [
     "RESUMABLE_CHANGES",
@@ -419,14 +420,10 @@ def mask_model(
                     "(the files come from different checkpoints)"
                 )
     params = dict(model.named_parameters())
+    problem = mask_mismatch(masks, params)
+    if problem:
+        raise StateError(f"{ckpt}: {problem}")
     for name, mask in masks.items():
-        if name not in params:
-            raise StateError(f"{ckpt}: mask for {name!r}, which the model does not have")
-        if tuple(mask.shape) != tuple(params[name].shape):
-            raise StateError(
-                f"{ckpt}: the mask of {name!r} has shape {tuple(mask.shape)}, the model's weight "
-                f"{tuple(params[name].shape)}"
-            )
         params[name].masked_fill_(~mask.to(params[name].device), 0.0)
     return {n: m.detach().bool().cpu() for n, m in masks.items()}, report
 

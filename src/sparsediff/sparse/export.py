@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import Engine
+from .masks import mask_mismatch
 from .nm import NMPattern, has_nm_hooks, input_dim, nm_groups
 from .nm_engine import NMSparseEngine
 from .targets import select_targets, unwrap_model
@@ -175,14 +176,9 @@ def _resolve_masks(masks: Any, model: nn.Module) -> dict[str, torch.Tensor]:
         raise ConfigError(
             f"masks must be a mapping name -> bool mask or an engine, got {type(masks).__name__}"
         )
-    params = dict(model.named_parameters())
-    for name, mask in out.items():
-        if name not in params:
-            raise ConfigError(f"mask for {name!r} matches no parameter of {type(model).__name__}")
-        if tuple(mask.shape) != tuple(params[name].shape):
-            raise ConfigError(
-                f"mask for {name!r} has shape {tuple(mask.shape)} but the weight has {tuple(params[name].shape)}"
-            )
+    problem = mask_mismatch(out, dict(model.named_parameters()))
+    if problem:
+        raise ConfigError(f"masks do not fit {type(model).__name__}: {problem}")
     return out
 
 

@@ -63,6 +63,19 @@ def masks_from_weights(
     return out
 
 
+def mask_mismatch(masks: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> str | None:
+    """What is wrong with the first mask that does not fit ``params`` (name -> weight), or None.
+
+    A mask must name a parameter and have its shape; callers raise their own error type with this text.
+    """
+    for name, mask in masks.items():
+        if name not in params:
+            return f"mask for {name!r} matches no parameter of the model"
+        if tuple(mask.shape) != tuple(params[name].shape):
+            return f"mask for {name!r} has shape {tuple(mask.shape)} but the weight has {tuple(params[name].shape)}"
+    return None
+
+
 def check_given_masks(
     masks: Mapping[str, torch.Tensor],
     shapes: Mapping[str, tuple[int, ...]],

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .csr import CompressedLayer, from_csr, to_csr
 from .native import native_for
 
 PARALLEL_GRAIN = 1 << 18  # multiply-adds below which a call runs on one thread
@@ -23,7 +24,7 @@ def convertible(conv: nn.Module) -> bool:
     )
 
 
-class SparseConv(nn.Module):
+class SparseConv(CompressedLayer):
     """A ``Conv1d``/``Conv2d`` (stride 1, groups 1) whose sparse kernel is stored by output channel (CSR).
 
     float32 CPU inputs go through the native direct sparse convolution; anything else (other dtypes, CUDA,
@@ -45,36 +46,20 @@ class SparseConv(nn.Module):
         self.ph, self.pw = pad if self.dims == 2 else (0, pad[0])
         self.dh, self.dw = dil if self.dims == 2 else (1, dil[0])
         flat = w2.reshape(self.out_channels, -1)  # column = c * KH * KW + ky * KW + kx
-        active = flat != 0
-        row_ptr = torch.zeros(self.out_channels + 1, dtype=torch.int64)
-        row_ptr[1:] = torch.cumsum(active.sum(1), 0)
+        row_ptr, taps, values = to_csr(flat)
         self.register_buffer("row_ptr", row_ptr)
-        self.register_buffer("taps", active.nonzero()[:, 1].to(torch.int32))
-        self.register_buffer("values", flat[active].contiguous())
+        self.register_buffer("taps", taps)
+        self.register_buffer("values", values)
         b = conv.bias
         self.register_buffer("bias", None if b is None else b.detach().to(torch.float32).cpu().clone())
-        self._dense: torch.Tensor | None = None
 
     @property
     def density(self) -> float:
         return self.values.numel() / max(1, self.out_channels * self.in_channels * self.kh * self.kw)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense (masked) weight, for code that reads a layer's ``weight`` (its dtype, device or
-        values); rebuilt on first access and cached. The forward pass does not use it."""
-        return self.dense_weight()
-
-    def dense_weight(self) -> torch.Tensor:
-        """The dense (masked) weight in the original layer's shape, rebuilt and cached."""
-        if self._dense is None:
-            flat = torch.zeros(self.out_channels, self.in_channels * self.kh * self.kw)
-            rows = torch.repeat_interleave(
-                torch.arange(self.out_channels), self.row_ptr[1:] - self.row_ptr[:-1]
-            )
-            flat[rows, self.taps.long()] = self.values
-            self._dense = flat.reshape(self.weight_shape)
-        return self._dense
+    def rebuild_weight(self) -> torch.Tensor:
+        columns = self.in_channels * self.kh * self.kw
+        return from_csr(self.row_ptr, self.taps, self.values, columns).reshape(self.weight_shape)
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dense_weight().to(x.device, x.dtype)

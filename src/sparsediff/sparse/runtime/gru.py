@@ -6,15 +6,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from .csr import from_csr, to_csr
 from .linear import SparseLinear
 from .native import native_for
-
-
-def _csr(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    active = weight != 0
-    row_ptr = torch.zeros(weight.shape[0] + 1, dtype=torch.int64)
-    row_ptr[1:] = torch.cumsum(active.sum(1), 0)
-    return row_ptr, active.nonzero()[:, 1].to(torch.int32), weight[active].contiguous()
 
 
 class SparseGRU(nn.Module):
@@ -43,7 +37,7 @@ class SparseGRU(nn.Module):
                 b_ih = getattr(gru, f"bias_ih{sfx}") if gru.bias else None
                 b_hh = getattr(gru, f"bias_hh{sfx}") if gru.bias else None
                 self.inputs.append(SparseLinear(w_ih, b_ih))
-                row_ptr, cols, values = _csr(w_hh)
+                row_ptr, cols, values = to_csr(w_hh)
                 self.register_buffer(f"hh_row_ptr{sfx}", row_ptr)
                 self.register_buffer(f"hh_cols{sfx}", cols)
                 self.register_buffer(f"hh_values{sfx}", values)
@@ -84,10 +78,8 @@ class SparseGRU(nn.Module):
                         sfx = f"_l{layer}" + ("_reverse" if d else "")
                         getattr(gru, f"weight_ih{sfx}").copy_(self.inputs[i].dense_weight())
                         row_ptr, cols, values, b_hh = self._hh(sfx)
-                        w = torch.zeros(3 * self.hidden_size, self.hidden_size)
-                        rows = torch.repeat_interleave(torch.arange(w.shape[0]), row_ptr[1:] - row_ptr[:-1])
-                        w[rows, cols.long()] = values
-                        getattr(gru, f"weight_hh{sfx}").copy_(w)
+                        w_hh = from_csr(row_ptr, cols, values, self.hidden_size)
+                        getattr(gru, f"weight_hh{sfx}").copy_(w_hh)
                         if self.has_bias:
                             getattr(gru, f"bias_ih{sfx}").copy_(self.inputs[i].bias)
                             getattr(gru, f"bias_hh{sfx}").copy_(b_hh)

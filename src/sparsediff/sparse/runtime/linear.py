@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from .csr import CompressedLayer, from_csr, to_csr
 from .native import native_for
 
 
@@ -19,7 +19,7 @@ def panel_width(in_features: int) -> int:
 PARALLEL_GRAIN = 1 << 18
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(CompressedLayer):
     """``nn.Linear`` with a sparse weight stored row by row (CSR): the same output, fewer multiply-adds.
 
     Only the active weights are kept: ``values``, ``cols`` (relative to their column panel)
@@ -36,21 +36,14 @@ class SparseLinear(nn.Module):
         self.out_features, self.in_features = w.shape
         self.panel = max(1, panel_width(self.in_features))
         panels = max(1, -(-self.in_features // self.panel))
-        row_ptr = torch.zeros(panels, self.out_features + 1, dtype=torch.int64)
-        cols, values, base = [], [], 0
+        parts, base = [], 0
         for p in range(panels):  # panel by panel, row by row: the kernel's traversal order
-            part = w[:, p * self.panel : (p + 1) * self.panel]
-            active = part != 0
-            row_ptr[p, 0] = base
-            row_ptr[p, 1:] = base + torch.cumsum(active.sum(1), 0)
-            base = int(row_ptr[p, -1])
-            cols.append(active.nonzero()[:, 1].to(torch.int32))
-            values.append(part[active])
-        self.register_buffer("row_ptr", row_ptr)
-        self.register_buffer("cols", torch.cat(cols))
-        self.register_buffer("values", torch.cat(values).contiguous())
+            parts.append(to_csr(w[:, p * self.panel : (p + 1) * self.panel], base))
+            base = int(parts[-1][0][-1])
+        self.register_buffer("row_ptr", torch.stack([ptr for ptr, _, _ in parts]))
+        self.register_buffer("cols", torch.cat([cols for _, cols, _ in parts]))
+        self.register_buffer("values", torch.cat([values for _, _, values in parts]))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).cpu().clone())
-        self._dense: torch.Tensor | None = None
 
     @property
     def nnz(self) -> int:
@@ -60,24 +53,12 @@ class SparseLinear(nn.Module):
     def density(self) -> float:
         return self.nnz / max(1, self.out_features * self.in_features)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense (masked) weight, for code that reads a layer's ``weight`` (its dtype, device or
-        values); rebuilt on first access and cached. The forward pass does not use it."""
-        return self.dense_weight()
-
-    def dense_weight(self) -> torch.Tensor:
-        """The dense (masked) weight, rebuilt from the compressed one and cached."""
-        if self._dense is None:
-            w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32)
-            for p in range(self.row_ptr.shape[0]):
-                ptr = self.row_ptr[p]
-                start, stop = int(ptr[0]), int(ptr[-1])
-                rows = torch.repeat_interleave(torch.arange(self.out_features), ptr[1:] - ptr[:-1])
-                cols = self.cols[start:stop].long() + p * self.panel
-                w[rows, cols] = self.values[start:stop]
-            self._dense = w
-        return self._dense
+    def rebuild_weight(self) -> torch.Tensor:
+        w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32)
+        for p, ptr in enumerate(self.row_ptr):
+            part = w[:, p * self.panel : (p + 1) * self.panel]
+            part.copy_(from_csr(ptr, self.cols, self.values, part.shape[1]))
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mod = native_for(x)
