@@ -57,6 +57,7 @@ def test_spmm_matches_masked_dense(built, m, k, n, density, bias, seed):
         got = layer(x)
     want = F.linear(x, lin.weight * mask, lin.bias if bias else None)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer.transposed_rows(x), want.t(), rtol=1e-5, atol=1e-4)  # the (M, N) order
 
 
 def test_leading_dims_non_contiguous_and_batch_one(built):
@@ -276,6 +277,27 @@ def test_sparse_conv_large_images_take_the_wide_tiles(built):
     with torch.no_grad():
         want = F.conv2d(x, conv.weight * mask, conv.bias, padding=1)
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch,dilation", [(1, 1), (3, 2)])
+def test_sparse_conv_many_channels_split_into_position_groups(built, threads, batch, dilation):
+    # 300 input channels: the input window of one group of tiles is a few tiles wide, so an image is
+    # several groups; with batch 1 the output channels are split between work items as well
+    torch.manual_seed(3)
+    conv = nn.Conv2d(300, 9, 3, padding=dilation, dilation=dilation)
+    mask = torch.rand(conv.weight.shape) < 0.1
+    layer = SparseConv(conv, mask)
+    x = torch.randn(batch, 300, 23, 29)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got = layer(x)
+            want = F.conv2d(x, conv.weight * mask, conv.bias, padding=dilation, dilation=dilation)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
 def test_sparse_gru_vector_gates_with_ragged_batch(built):

@@ -121,10 +121,10 @@ class SparseGRU(nn.Module):
             for d in range(self.directions):
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
                 idx = layer * self.directions + d
-                gi = self.inputs[idx](inp.reshape(steps * batch, -1)).reshape(steps, batch, -1)
+                # (3H, T, B): the batch last, for the native loop, straight from the SpMM
+                gi_t = self.inputs[idx].transposed_rows(inp.reshape(steps * batch, -1)).view(-1, steps, batch)
                 row_ptr, cols, values, b_hh = self._hh(sfx)
                 bias = empty if b_hh is None else b_hh
-                gi_t = gi.transpose(1, 2).contiguous()  # (T, 3H, B): the batch last, for the native loop
                 out, last = mod.gru_recurrence(gi_t, row_ptr, cols, values, bias, h0[idx], lengths, bool(d))
                 outs.append(out.transpose(1, 2))  # (T, B, H)
                 finals.append(last)

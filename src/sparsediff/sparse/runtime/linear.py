@@ -10,9 +10,10 @@ from .native import native_for
 
 
 def panel_width(in_features: int) -> int:
-    """Input features per column panel: all of them for small layers; 128 (32 KiB of packed input, an L1
-    cache) for wide ones, where walking the whole packed block per row would miss the cache."""
-    return in_features if in_features <= 512 else 128
+    """Input features per column panel: all of them for small layers, else 128. The kernel sizes its
+    tiles so that one panel of the packed input (128 x 64 floats, 32 KiB) stays in the L1 cache while
+    every row of the panel walks over it; partial sums carry from panel to panel."""
+    return min(in_features, 128)
 
 
 # Multiply-adds below which a call runs on one thread (starting threads costs more than it saves).
@@ -67,18 +68,22 @@ class SparseLinear(CompressedLayer):
             b = None if self.bias is None else self.bias.to(x.device, x.dtype)
             return F.linear(x, w, b)
         lead = x.shape[:-1]
-        rows = x.reshape(-1, self.in_features)
-        empty = torch.empty(0, dtype=torch.float32)
-        y = mod.spmm_linear(
-            rows,
-            self.row_ptr,
-            self.cols,
-            self.values,
-            empty if self.bias is None else self.bias,
-            self.panel,
-            PARALLEL_GRAIN,
-        )
+        y = self._native(mod, x.reshape(-1, self.in_features), transposed=False)
         return y.reshape(*lead, self.out_features)
+
+    def transposed_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(rows @ W^T + b)^T``, shape ``(out_features, len(rows))``, for float32 CPU ``rows`` with the
+        native kernels built: the kernel's own output order, so no transposition is paid."""
+        mod = native_for(rows)
+        if mod is None:
+            raise RuntimeError("transposed_rows needs the native kernels and float32 CPU inputs")
+        return self._native(mod, rows, transposed=True)
+
+    def _native(self, mod, rows: torch.Tensor, transposed: bool) -> torch.Tensor:
+        bias = torch.empty(0, dtype=torch.float32) if self.bias is None else self.bias
+        return mod.spmm_linear(
+            rows, self.row_ptr, self.cols, self.values, bias, self.panel, PARALLEL_GRAIN, transposed
+        )
 
     def extra_repr(self) -> str:
         return (
