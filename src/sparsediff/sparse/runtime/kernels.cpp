@@ -13,7 +13,8 @@
 //     (zero-padded past N). Rows of x have a power-of-two stride in typical models; reading them in place
 //     would thrash the cache, the packed block is contiguous.
 //   - for each panel, for each output row: the output tile of one row x W columns lives in W / 8 AVX
-//     registers; each non-zero costs one broadcast and W / 8 fused multiply-adds. A panel of the packed
+//     registers; each non-zero costs one broadcast and W / 8 fused multiply-adds. Narrow tiles (W < 40)
+//     take two or four rows side by side, so that enough independent sums hide the FMA latency. A panel of the packed
 //     block (panel x 4 W bytes) stays in L1 while all rows walk over it; partial sums of the earlier
 //     panels wait in a small accumulator buffer.
 //   - the accumulators are written to y transposed back to (N x M), bias added.
@@ -143,35 +144,50 @@ void store_tile(const float* acc, int64_t nr, int64_t nc, const float* bias, flo
   }
 }
 
-// row_tile for two rows at once (acc0 for row 0, acc1 for row 1, both added to): with narrow tiles one
-// row has too few independent sums to hide the FMA latency, two rows interleaved have twice as many.
+// Rows of a tile computed together: a narrow tile (W / 8 registers) has too few independent sums to hide
+// the FMA latency (4 cycles, 2 per cycle), so up to eight registers' worth of rows go side by side.
 template <int W>
-inline void row_tile_pair(const int32_t* idx, const float* val, int64_t b0, int64_t e0, int64_t b1, int64_t e1,
-                          const float* xb, float* acc0, float* acc1) {
+constexpr int joint_rows() {
+  return W >= 40 ? 1 : (W >= 24 ? 2 : 4);
+}
+
+// row_tile for ROWS rows: row i sums its non-zeros lo[i * step] .. hi[i * step] into acc + i * acc_step
+// (added to when `add`). The rows advance together for as many non-zeros as the shortest has; each then
+// finishes alone.
+template <int W, int S, int ROWS>
+inline void rows_tile(const int32_t* idx, const float* val, const int64_t* lo, const int64_t* hi, int64_t step,
+                      const float* xb, float* acc, int64_t acc_step, bool add) {
 #if SPARSEDIFF_AVX2
-  constexpr int R = W / 8;
-  __m256 a[R], c[R];
+  if (ROWS > 1) {
+    constexpr int R = W / 8;
+    __m256 a[ROWS][R];
+    int64_t begin[ROWS], common = hi[0] - lo[0];
 #pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) a[r] = _mm256_loadu_ps(acc0 + 8 * r), c[r] = _mm256_loadu_ps(acc1 + 8 * r);
-  const int64_t common = std::min(e0 - b0, e1 - b1);
-  for (int64_t q = 0; q < common; ++q) {
-    const __m256 v = _mm256_broadcast_ss(val + b0 + q), u = _mm256_broadcast_ss(val + b1 + q);
-    const float* xk = xb + idx[b0 + q];
-    const float* xl = xb + idx[b1 + q];
+    for (int i = 0; i < ROWS; ++i) {
+      begin[i] = lo[i * step];
+      common = std::min<int64_t>(common, hi[i * step] - begin[i]);
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      a[r] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xk + 8 * r), a[r]);
-      c[r] = _mm256_fmadd_ps(u, _mm256_loadu_ps(xl + 8 * r), c[r]);
+      for (int r = 0; r < R; ++r) a[i][r] = add ? _mm256_loadu_ps(acc + i * acc_step + 8 * r) : _mm256_setzero_ps();
     }
-  }
+    for (int64_t q = 0; q < common; ++q) {
 #pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc0 + 8 * r, a[r]), _mm256_storeu_ps(acc1 + 8 * r, c[r]);
-  row_tile<W, 1>(idx, val, b0 + common, e0, xb, acc0, true);
-  row_tile<W, 1>(idx, val, b1 + common, e1, xb, acc1, true);
-#else
-  row_tile<W, 1>(idx, val, b0, e0, xb, acc0, true);
-  row_tile<W, 1>(idx, val, b1, e1, xb, acc1, true);
+      for (int i = 0; i < ROWS; ++i) {
+        const __m256 v = _mm256_broadcast_ss(val + begin[i] + q);
+        const float* xk = xb + static_cast<int64_t>(idx[begin[i] + q]) * S;
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) a[i][r] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xk + 8 * r), a[i][r]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < ROWS; ++i) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc + i * acc_step + 8 * r, a[i][r]);
+      row_tile<W, S>(idx, val, begin[i] + common, hi[i * step], xb, acc + i * acc_step, true);
+    }
+    return;
+  }
 #endif
+  for (int i = 0; i < ROWS; ++i) row_tile<W, S>(idx, val, lo[i * step], hi[i * step], xb, acc + i * acc_step, add);
 }
 
 template <int W>
@@ -199,8 +215,11 @@ void spmm_impl(const float* xd, int64_t n, int64_t k, const int64_t* rp, int64_t
       for (int64_t p = 0; p < panels; ++p) {
         const float* xb = packed.data() + p * panel * W;
         const int64_t* r = rp + p * (m + 1);
-        for (int64_t row = r0; row < r1; ++row)
-          row_tile<W, W>(col, val, r[row], r[row + 1], xb, acc.data() + (row - r0) * W, p > 0);
+        constexpr int J = joint_rows<W>();
+        int64_t row = r0;
+        for (; row + J <= r1; row += J)
+          rows_tile<W, W, J>(col, val, r + row, r + row + 1, 1, xb, acc.data() + (row - r0) * W, W, p > 0);
+        for (; row < r1; ++row) row_tile<W, W>(col, val, r[row], r[row + 1], xb, acc.data() + (row - r0) * W, p > 0);
       }
       const int64_t cols = std::min<int64_t>(W, n - b * W);
       if (transposed)
@@ -333,11 +352,16 @@ void conv_impl(const float* xp, int64_t nb, int64_t c_in, int64_t c_out, int64_t
       const float* xt = xp + b * image + first;
       for (int64_t o0 = s * per_split, o_end = std::min(c_out, o0 + per_split); o0 < o_end; o0 += chunk) {
         const int64_t o1 = std::min(o_end, o0 + chunk);
-        for (int64_t q = 0; q < panels; ++q)
-          for (int64_t o = o0; o < o1; ++o) {
-            const int64_t* so = seg.data() + o * (panels + 1);
-            row_tile<W, 1>(off, val, so[q], so[q + 1], xt, acc.data() + (o - o0) * W, q > 0);
-          }
+        constexpr int J = joint_rows<W>();
+        for (int64_t q = 0; q < panels; ++q) {
+          const int64_t* sq = seg.data() + q;  // output channel o's panel q: sq[o * (panels + 1)] .. + 1
+          int64_t o = o0;
+          for (; o + J <= o1; o += J)
+            rows_tile<W, 1, J>(off, val, sq + o * (panels + 1), sq + o * (panels + 1) + 1, panels + 1, xt,
+                               acc.data() + (o - o0) * W, W, q > 0);
+          for (; o < o1; ++o)
+            row_tile<W, 1>(off, val, sq[o * (panels + 1)], sq[o * (panels + 1) + 1], xt, acc.data() + (o - o0) * W, q > 0);
+        }
         for (int64_t o = o0; o < o1; ++o) {  // write back, dropping the padded grid's extra columns
           const float* a = acc.data() + (o - o0) * W;
           float* dst = yd + (b * c_out + o) * ho * wo;
@@ -532,11 +556,10 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
         constexpr int W = decltype(width)::value;
         for (; bv + W <= e; bv += W) {
           const float* hb = ht.data() + bv;
+          constexpr int J = joint_rows<W>();
           int64_t r = 0;
-          if (W < 64)
-            for (; r + 2 <= 3 * hidden; r += 2)
-              row_tile_pair<W>(hoff.data(), val, rp[r], rp[r + 1], rp[r + 1], rp[r + 2], hb, gh.data() + r * w + bv,
-                               gh.data() + (r + 1) * w + bv);
+          for (; r + J <= 3 * hidden; r += J)
+            rows_tile<W, 1, J>(hoff.data(), val, rp + r, rp + r + 1, 1, hb, gh.data() + r * w + bv, w, true);
           for (; r < 3 * hidden; ++r) row_tile<W, 1>(hoff.data(), val, rp[r], rp[r + 1], hb, gh.data() + r * w + bv, true);
         }
       };

@@ -19,6 +19,8 @@ def panel_width(in_features: int) -> int:
 # Multiply-adds below which a call runs on one thread (starting threads costs more than it saves).
 PARALLEL_GRAIN = 1 << 18
 
+_NO_BIAS = torch.empty(0, dtype=torch.float32)  # the kernel's "no bias" (never written to)
+
 
 class SparseLinear(CompressedLayer):
     """``nn.Linear`` with a sparse weight stored row by row (CSR): the same output, fewer multiply-adds.
@@ -80,7 +82,7 @@ class SparseLinear(CompressedLayer):
         return self._native(mod, rows, transposed=True)
 
     def _native(self, mod, rows: torch.Tensor, transposed: bool) -> torch.Tensor:
-        bias = torch.empty(0, dtype=torch.float32) if self.bias is None else self.bias
+        bias = _NO_BIAS if self.bias is None else self.bias
         return mod.spmm_linear(
             rows, self.row_ptr, self.cols, self.values, bias, self.panel, PARALLEL_GRAIN, transposed
         )
