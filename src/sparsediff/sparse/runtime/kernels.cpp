@@ -366,10 +366,14 @@ void conv_impl(const float* xp, int64_t nb, int64_t c_in, int64_t c_out, int64_t
           const float* a = acc.data() + (o - o0) * W;
           float* dst = yd + (b * c_out + o) * ho * wo;
           const float bias_o = bd ? bd[o] : 0.0f;
-          int64_t r = first / wp, col = first % wp;
-          for (int64_t e = 0; e < count; ++e) {
-            if (col < wo) dst[r * wo + col] = a[e] + bias_o;
-            if (++col == wp) col = 0, ++r;
+          // the tile's positions, padded row by padded row: the first wo of each row are outputs
+          for (int64_t e = 0; e < count;) {
+            const int64_t r = (first + e) / wp, col = (first + e) % wp, run = std::min(count - e, wp - col);
+            const float* src = a + e;
+            float* out = dst + r * wo + col;
+            for (int64_t c = 0, valid = std::max<int64_t>(0, std::min(run, wo - col)); c < valid; ++c)
+              out[c] = src[c] + bias_o;
+            e += run;
           }
         }
       }
