@@ -326,6 +326,39 @@ def test_sparse_gru_vector_gates_with_ragged_batch(built):
             torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 5, 13, 40])
+def test_sparse_gru_small_batches_and_wide_hidden_states(built, threads, batch):
+    # hidden 20: gates over units take two vectors of eight and a scalar tail; batch 1 and 5 take that path
+    # for every sequence, 13 for five of them, 40 not at all (and with two threads, slices of 24 and 16)
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(5)
+    gru = nn.GRU(7, 20, num_layers=2, batch_first=True, bidirectional=True).eval()
+    with torch.no_grad():
+        for n, p in gru.named_parameters():
+            if n.startswith("weight_"):
+                p.mul_((torch.rand(p.shape) < 0.15).float())
+    fast = SparseGRU(gru)
+    x = torch.randn(batch, 9, 7)
+    lengths = torch.randint(1, 10, (batch,))
+    lengths[0] = 9
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for inp in (x, packed):
+                got, got_h = fast(inp)
+                want, want_h = gru(inp)
+                got = got.data if not torch.is_tensor(got) else got
+                want = want.data if not torch.is_tensor(want) else want
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+                torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=2e-6)
+    finally:
+        torch.set_num_threads(previous)
+
+
 class _TwoPaths(nn.Module):
     def __init__(self):
         super().__init__()

@@ -495,6 +495,42 @@ inline __m256 tanh8(__m256 x) {  // 2 sigmoid(2x) - 1
 
 inline float sigmoid1(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
+// One sequence's gates for every hidden unit j. Its values sit at strides: gi (r, z, n) at
+// gi[j * gi_step + gate * gi_gate], gh at gh[(gate * hidden + j) * w], the state at h[j * w], the output
+// at out[j * out_step].
+void gates_over_units(const float* gi, int64_t gi_step, int64_t gi_gate, const float* gh, float* h, int64_t w,
+                      int64_t hidden, float* out, int64_t out_step) {
+  int64_t j = 0;
+#if SPARSEDIFF_AVX2
+  if (gi_step * 8 < (int64_t{1} << 31) && w * 8 < (int64_t{1} << 31)) {  // gather offsets are int32
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i gi_at = _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int32_t>(gi_step)));
+    const __m256i w_at = _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int32_t>(w)));
+    alignas(32) float hv[8];
+    for (; j + 8 <= hidden; j += 8) {
+      const float* gij = gi + j * gi_step;
+      const float* ghj = gh + j * w;
+      const __m256 r = sigmoid8(_mm256_add_ps(_mm256_i32gather_ps(gij, gi_at, 4), _mm256_i32gather_ps(ghj, w_at, 4)));
+      const __m256 z = sigmoid8(_mm256_add_ps(_mm256_i32gather_ps(gij + gi_gate, gi_at, 4),
+                                              _mm256_i32gather_ps(ghj + hidden * w, w_at, 4)));
+      const __m256 n = tanh8(_mm256_fmadd_ps(r, _mm256_i32gather_ps(ghj + 2 * hidden * w, w_at, 4),
+                                             _mm256_i32gather_ps(gij + 2 * gi_gate, gi_at, 4)));
+      const __m256 h_old = _mm256_i32gather_ps(h + j * w, w_at, 4);
+      _mm256_store_ps(hv, _mm256_fmadd_ps(z, h_old, _mm256_fnmadd_ps(z, n, n)));  // (1 - z) n + z h
+      for (int i = 0; i < 8; ++i) h[(j + i) * w] = hv[i], out[(j + i) * out_step] = hv[i];
+    }
+  }
+#endif
+  for (; j < hidden; ++j) {
+    const float r = sigmoid1(gi[j * gi_step] + gh[j * w]);
+    const float z = sigmoid1(gi[j * gi_step + gi_gate] + gh[(hidden + j) * w]);
+    const float n = std::tanh(gi[j * gi_step + 2 * gi_gate] + r * gh[(2 * hidden + j) * w]);
+    const float hn = (1.0f - z) * n + z * h[j * w];
+    h[j * w] = hn;
+    out[j * out_step] = hn;
+  }
+}
+
 }  // namespace
 
 std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_ptr, torch::Tensor cols,
@@ -571,14 +607,21 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
       tiles(std::integral_constant<int, 32>{});
       tiles(std::integral_constant<int, 16>{});
       tiles(std::integral_constant<int, 8>{});
-      for (int64_t r = 0; bv < e && r < 3 * hidden; ++r) {  // the last few (fewer than eight)
-        float* acc = gh.data() + r * w;
-        for (int64_t p = rp[r]; p < rp[r + 1]; ++p) {
-          const float v = val[p];
-          const float* hk = ht.data() + hoff[p];
-          for (int64_t b = bv; b < e; ++b) acc[b] += v * hk[b];
+      for (int64_t b = bv; b < e; ++b)  // the last few (fewer than eight): four partial sums per row
+        for (int64_t r = 0; r < 3 * hidden; ++r) {
+          const float* hb = ht.data() + b;
+          float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+          int64_t p = rp[r];
+          for (; p + 4 <= rp[r + 1]; p += 4) {
+            s0 += val[p] * hb[hoff[p]];
+            s1 += val[p + 1] * hb[hoff[p + 1]];
+            s2 += val[p + 2] * hb[hoff[p + 2]];
+            s3 += val[p + 3] * hb[hoff[p + 3]];
+          }
+          for (; p < rp[r + 1]; ++p) s0 += val[p] * hb[hoff[p]];
+          gh[r * w + b] += (s0 + s1) + (s2 + s3);
         }
-      }
+      const int64_t full = SPARSEDIFF_AVX2 ? e / 8 * 8 : 0;  // sequences the gates take eight at a time
       for (int64_t j = 0; j < hidden; ++j) {
         float* hj = ht.data() + j * w;
         const float *gir = g + (j * steps + t) * nb + b0, *giz = g + ((hidden + j) * steps + t) * nb + b0,
@@ -587,7 +630,7 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
         float* oj = o + (t * hidden + j) * nb + b0;
         int64_t b = 0;
 #if SPARSEDIFF_AVX2
-        for (; b + 8 <= e; b += 8) {
+        for (; b < full; b += 8) {
           const __m256 r = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(gir + b), _mm256_loadu_ps(ghr + b)));
           const __m256 z = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(giz + b), _mm256_loadu_ps(ghz + b)));
           const __m256 n = tanh8(_mm256_fmadd_ps(r, _mm256_loadu_ps(ghn + b), _mm256_loadu_ps(gin + b)));
@@ -599,15 +642,13 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
           _mm256_storeu_ps(oj + b, _mm256_blendv_ps(_mm256_setzero_ps(), h, on));  // 0 when finished
         }
 #endif
-        for (; b < e; ++b) {
-          if (live[b] == 0.0f) continue;  // past this sequence's end: state unchanged, output 0
-          const float r = sigmoid1(gir[b] + ghr[b]);
-          const float z = sigmoid1(giz[b] + ghz[b]);
-          const float n = std::tanh(gin[b] + r * ghn[b]);
-          const float h = (1.0f - z) * n + z * hj[b];
-          hj[b] = h;
-          oj[b] = h;
-        }
+      }
+      // The sequences past the last whole eight (all of them for a batch of 1): their gates go eight
+      // hidden units at a time, gathering the strided inputs (one by one without AVX2).
+      for (int64_t b = full; b < e; ++b) {
+        if (live[b] == 0.0f) continue;  // past this sequence's end: state unchanged, output 0
+        gates_over_units(g + t * nb + b0 + b, steps * nb, hidden * steps * nb, gh.data() + b, ht.data() + b, w,
+                         hidden, o + t * hidden * nb + b0 + b, nb);
       }
     }
     for (int64_t b = 0; b < w; ++b)
