@@ -408,15 +408,26 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor row_ptr, torch::Tenso
   if (has_bias) bias = bias.contiguous();
   const int64_t plane = hp * wp, image = c_in * plane;
   const int64_t positions = ho * wp;  // output positions computed per image (on the padded grid)
-  // slack: the last tile of the last image reads up to one (widest) tile past its end
-  std::vector<float> xp(static_cast<size_t>(nb * image + 2 * 128 + wp), 0.0f);
+  // slack: the last tile of the last image reads up to one (widest) tile past its end. The buffer is not
+  // cleared as a whole (a serial pass over all of it); each plane writes its own zero border below.
+  const int64_t slack = 2 * 128 + wp;
+  auto buffer = torch::empty({nb * image + slack}, x.options());
+  float* xp = buffer.data_ptr<float>();
+  std::memset(xp + nb * image, 0, sizeof(float) * slack);
   const float* xd = x.data_ptr<float>();
   const int64_t nnz = values.numel();
   const bool parallel = nnz * positions * nb >= grain && at::get_num_threads() > 1;
   auto pad = [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {  // i = b * C + c
-      for (int64_t r = 0; r < h; ++r)
-        std::memcpy(xp.data() + i * plane + (r + ph) * wp + pw, xd + (i * h + r) * w, sizeof(float) * w);
+      float* dst = xp + i * plane;
+      std::memset(dst, 0, sizeof(float) * ph * wp);  // top rows
+      for (int64_t r = 0; r < h; ++r) {
+        float* row = dst + (r + ph) * wp;
+        std::memset(row, 0, sizeof(float) * pw);
+        std::memcpy(row + pw, xd + (i * h + r) * w, sizeof(float) * w);
+        std::memset(row + pw + w, 0, sizeof(float) * (wp - pw - w));
+      }
+      std::memset(dst + (h + ph) * wp, 0, sizeof(float) * (hp - h - ph) * wp);  // bottom rows
     }
   };
   if (parallel) {
@@ -435,7 +446,7 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor row_ptr, torch::Tenso
   const float* bd = has_bias ? bias.data_ptr<float>() : nullptr;
   const int64_t halo = (kh - 1) * dh * wp + (kw - 1) * dw;  // the kernel's reach past a position, in a plane
 #define SPARSEDIFF_CONV(WIDTH)                                                                              \
-  conv_impl<WIDTH>(xp.data(), nb, c_in, c_out, image, positions, wp, ho, wo, halo, kh * kw, rp, code, off.data(), \
+  conv_impl<WIDTH>(xp, nb, c_in, c_out, image, positions, wp, ho, wo, halo, kh * kw, rp, code, off.data(), \
                    values.data_ptr<float>(), bd, y.data_ptr<float>(), parallel)
   SPARSEDIFF_DISPATCH_WIDTH(tile_width(positions), SPARSEDIFF_CONV);
 #undef SPARSEDIFF_CONV
@@ -542,8 +553,9 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
   const int64_t steps = gi.size(1), nb = gi.size(2), hidden = h0.size(1);
   TORCH_CHECK(gi.size(0) == 3 * hidden && h0.size(0) == nb && row_ptr.numel() == 3 * hidden + 1,
               "gru_recurrence: shapes of gi, W_hh and h0 disagree");
-  auto out = torch::zeros({steps, hidden, nb}, gi.options());  // 0 past each sequence's end
   const bool ragged = lengths.numel() > 0;
+  // every step of every sequence is written unless some end early: only then must the rest read 0
+  auto out = ragged ? torch::zeros({steps, hidden, nb}, gi.options()) : torch::empty({steps, hidden, nb}, gi.options());
   TORCH_CHECK(!ragged || (lengths.numel() == nb && lengths.scalar_type() == torch::kInt64),
               "gru_recurrence: lengths must hold one int64 per sequence");
   if (ragged) lengths = lengths.contiguous();
