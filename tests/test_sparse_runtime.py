@@ -279,6 +279,20 @@ def test_sparse_conv_large_images_take_the_wide_tiles(built):
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
 
 
+def test_sparse_conv_serves_several_input_sizes(built):
+    # offsets into the padded input are cached per input size: each size must get its own
+    torch.manual_seed(6)
+    conv = nn.Conv2d(6, 5, 3, padding=2, dilation=2)
+    mask = torch.rand(conv.weight.shape) < 0.3
+    layer = SparseConv(conv, mask)
+    with torch.no_grad():
+        for size in [(9, 9), (4, 13), (9, 9), (17, 5)]:
+            x = torch.randn(2, 6, *size)
+            want = F.conv2d(x, conv.weight * mask, conv.bias, padding=2, dilation=2)
+            torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
+    assert len(layer._offsets) == 3
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch,dilation", [(1, 1), (3, 2)])
 def test_sparse_conv_many_channels_split_into_position_groups(built, threads, batch, dilation):

@@ -52,6 +52,21 @@ class SparseConv(CompressedLayer):
         self.register_buffer("values", values)
         b = conv.bias
         self.register_buffer("bias", None if b is None else b.detach().to(torch.float32).cpu().clone())
+        self._offsets: dict[tuple[int, int], torch.Tensor] = {}
+
+    def offsets(self, height: int, width: int) -> torch.Tensor:
+        """Where each non-zero reads the zero-padded input of this size: ``c * Hp * Wp + ky * dh * Wp +
+        kx * dw`` (int32, cached per input size)."""
+        key = (height, width)
+        if key not in self._offsets:
+            hp, wp = height + 2 * self.ph, width + 2 * self.pw
+            taps = self.taps.long()
+            c, rest = taps // (self.kh * self.kw), taps % (self.kh * self.kw)
+            off = c * (hp * wp) + (rest // self.kw) * (self.dh * wp) + (rest % self.kw) * self.dw
+            if off.numel() and int(off.max()) >= 2**31:
+                raise ValueError(f"input of {height}x{width} is too large for 32-bit offsets")
+            self._offsets[key] = off.to(torch.int32)
+        return self._offsets[key]
 
     @property
     def density(self) -> float:
@@ -80,6 +95,7 @@ class SparseConv(CompressedLayer):
             x4,
             self.row_ptr,
             self.taps,
+            self.offsets(x4.shape[-2], x4.shape[-1]),
             self.values,
             torch.empty(0) if self.bias is None else self.bias,
             self.kh,

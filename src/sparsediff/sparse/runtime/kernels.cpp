@@ -312,8 +312,8 @@ torch::Tensor spmm_linear(torch::Tensor x, torch::Tensor row_ptr, torch::Tensor 
 // kx * dw, so W consecutive positions read W consecutive floats. Each non-zero weight is one broadcast
 // and W / 8 FMAs over W output positions, with no im2col; the (Wp - Wo) positions at the end of each
 // padded row are computed and dropped. W (8 to 112) is chosen by tile_width for the positions of an image.
-// Weights are stored by output channel (CSR) with the tap code c * KH * KW + ky * KW + kx; codes become
-// offsets once per call, for this input size.
+// Weights are stored by output channel (CSR) with the tap code c * KH * KW + ky * KW + kx; the caller
+// turns codes into offsets once per input size.
 namespace {
 
 template <int W>
@@ -329,13 +329,20 @@ void conv_impl(const float* xp, int64_t nb, int64_t c_in, int64_t c_out, int64_t
   const int64_t panels = (c_in + widest - 1) / widest;
   const int64_t cp = (c_in + panels - 1) / panels;  // panels of (nearly) equal width
   std::vector<int64_t> seg(static_cast<size_t>(c_out * (panels + 1)));
-  for (int64_t o = 0; o < c_out; ++o) {
-    int64_t p = rp[o];
-    for (int64_t q = 0; q < panels; ++q) {
-      seg[o * (panels + 1) + q] = p;
-      while (p < rp[o + 1] && code[p] < (q + 1) * cp * taps_per_channel) ++p;
+  auto segments = [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      int64_t p = rp[o];
+      for (int64_t q = 0; q < panels; ++q) {
+        seg[o * (panels + 1) + q] = p;
+        while (p < rp[o + 1] && code[p] < (q + 1) * cp * taps_per_channel) ++p;
+      }
+      seg[o * (panels + 1) + panels] = rp[o + 1];
     }
-    seg[o * (panels + 1) + panels] = rp[o + 1];
+  };
+  if (parallel) {
+    at::parallel_for(0, c_out, 16, segments);
+  } else {
+    segments(0, c_out);
   }
   // Work item: (image, tile, range of output channels); the ranges split only when there are too few
   // tiles to keep every thread busy. Within an item, output channels go in chunks whose sums (chunk x W
@@ -388,13 +395,17 @@ void conv_impl(const float* xp, int64_t nb, int64_t c_in, int64_t c_out, int64_t
 
 }  // namespace
 
-torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor row_ptr, torch::Tensor taps, torch::Tensor values,
-                            torch::Tensor bias, int64_t kh, int64_t kw, int64_t ph, int64_t pw, int64_t dh,
-                            int64_t dw, int64_t grain) {
+// offsets: each non-zero's place in the padded input for this input size, c * Hp * Wp + ky * dh * Wp + kx * dw
+// (the caller computes them once per size: see SparseConv).
+torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor row_ptr, torch::Tensor taps, torch::Tensor offsets,
+                            torch::Tensor values, torch::Tensor bias, int64_t kh, int64_t kw, int64_t ph, int64_t pw,
+                            int64_t dh, int64_t dw, int64_t grain) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32, "sparse_conv2d: x must be (B, C, H, W) float32");
   TORCH_CHECK(row_ptr.scalar_type() == torch::kInt64 && taps.scalar_type() == torch::kInt32 &&
-                  values.scalar_type() == torch::kFloat32,
-              "sparse_conv2d: row_ptr int64, taps int32 and values float32 expected");
+                  offsets.scalar_type() == torch::kInt32 && values.scalar_type() == torch::kFloat32 &&
+                  offsets.numel() == values.numel() && taps.numel() == values.numel(),
+              "sparse_conv2d: row_ptr int64, taps and offsets int32 (one per value) and values float32 expected");
+  offsets = offsets.contiguous();
   x = x.contiguous();
   const int64_t nb = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3), c_out = row_ptr.numel() - 1;
   const int64_t hp = h + 2 * ph, wp = w + 2 * pw;
@@ -435,18 +446,13 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor row_ptr, torch::Tenso
   } else {
     pad(0, nb * c_in);
   }
-  // tap codes -> offsets for this input size
   const int32_t* code = taps.data_ptr<int32_t>();
-  std::vector<int32_t> off(static_cast<size_t>(nnz));
-  for (int64_t p = 0; p < nnz; ++p) {
-    const int64_t c = code[p] / (kh * kw), rest = code[p] % (kh * kw);
-    off[p] = static_cast<int32_t>(c * plane + (rest / kw) * dh * wp + (rest % kw) * dw);
-  }
+  const int32_t* off = offsets.data_ptr<int32_t>();
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const float* bd = has_bias ? bias.data_ptr<float>() : nullptr;
   const int64_t halo = (kh - 1) * dh * wp + (kw - 1) * dw;  // the kernel's reach past a position, in a plane
 #define SPARSEDIFF_CONV(WIDTH)                                                                              \
-  conv_impl<WIDTH>(xp, nb, c_in, c_out, image, positions, wp, ho, wo, halo, kh * kw, rp, code, off.data(), \
+  conv_impl<WIDTH>(xp, nb, c_in, c_out, image, positions, wp, ho, wo, halo, kh * kw, rp, code, off,        \
                    values.data_ptr<float>(), bd, y.data_ptr<float>(), parallel)
   SPARSEDIFF_DISPATCH_WIDTH(tile_width(positions), SPARSEDIFF_CONV);
 #undef SPARSEDIFF_CONV
