@@ -32,7 +32,8 @@ def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # a plot of unlabelled lines (no curves to tell apart) has none
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     return path
