@@ -28,12 +28,18 @@ from .native import kernels
 # density on the linears of sparsediff's denoisers and loses above it, so denser layers stay dense.
 MAX_DENSITY = 0.3
 
+# With measured choice, a layer goes sparse only when its sparse time is below this fraction of its dense
+# time: a margin for timing noise, so that a layer whose gain is within the noise (and may be a loss when
+# it matters) stays dense.
+MEASURED_MARGIN = 0.9
+
 # How a model can run: "dense" (masked dense weights, torch's kernels) or "sparse" (this runtime).
 BACKENDS = ("dense", "sparse")
 
 __all__ = [
     "BACKENDS",
     "MAX_DENSITY",
+    "MEASURED_MARGIN",
     "SparseConv",
     "SparseGRU",
     "SparseLinear",
@@ -62,7 +68,8 @@ def to_sparse_inference(
     Each layer chooses sparse or dense by what is faster for its shape and density. With
     ``example_inputs`` (the inputs of one forward pass, at the batch size that will be used) the choice is
     measured: one forward pass runs, and at each candidate layer its input is fed to the dense and the
-    sparse layer alternately (median of three calls each); the sparse one is kept only where it was faster.
+    sparse layer alternately (median of three calls each); the sparse one is kept only where it was
+    faster by a margin for timing noise (``MEASURED_MARGIN``: below 0.9 of the dense time).
     Without them, a layer is converted when its density is at most ``max_density`` (``MAX_DENSITY`` by
     default, measured on this project's denoisers: see ``benchmarks/sparse_runtime.py``).
 
@@ -81,7 +88,7 @@ def to_sparse_inference(
     timings = _measure(out, candidates, example_inputs) if example_inputs is not None else {}
     for name, (parent, attr, _, sparse, density) in candidates.items():
         t = timings.get(name)
-        use = t is None or t[1] < t[0]  # measured: only where faster
+        use = t is None or t[1] < MEASURED_MARGIN * t[0]  # measured: only where clearly faster
         if example_inputs is not None and t is None:
             use = False  # not reached by the example forward pass: nothing says it would gain
         if use:
