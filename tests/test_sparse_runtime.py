@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -235,16 +236,21 @@ def test_to_sparse_inference_converts_a_sparse_gru(built):
         torch.testing.assert_close(fast.rnn(x)[0], model.rnn(x)[0], rtol=1e-5, atol=1e-5)
 
 
+def _sparse_gru(gru: nn.GRU, density: float) -> SparseGRU:
+    """Zero all but about ``density`` of ``gru``'s weights (in place, at random) and convert it."""
+    with torch.no_grad():
+        for n, p in gru.named_parameters():
+            if n.startswith("weight_"):
+                p.mul_((torch.rand(p.shape) < density).float())
+    return SparseGRU(gru)
+
+
 def test_sparse_gru_on_packed_sequences(built):
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
     torch.manual_seed(1)
     gru = nn.GRU(3, 10, num_layers=2, batch_first=True, bidirectional=True).eval()
-    with torch.no_grad():
-        for n, p in gru.named_parameters():
-            if n.startswith("weight_"):
-                p.mul_((torch.rand(p.shape) < 0.15).float())
-    fast = SparseGRU(gru)
+    fast = _sparse_gru(gru, 0.15)
     x = torch.randn(4, 9, 3)
     lengths = torch.tensor([5, 9, 1, 7])
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
@@ -304,19 +310,13 @@ def test_sparse_conv_many_channels_split_into_position_groups(built, threads, ba
     mask = torch.rand(conv.weight.shape) < 0.1
     layer = SparseConv(conv, mask)
     x = torch.randn(batch, 300, 23, 29)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            got = layer(x)
-            want = F.conv2d(x, conv.weight * mask, conv.bias, padding=dilation, dilation=dilation)
-    finally:
-        torch.set_num_threads(previous)
+    with _threads(threads), torch.no_grad():
+        got = layer(x)
+        want = F.conv2d(x, conv.weight * mask, conv.bias, padding=dilation, dilation=dilation)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
 def test_sparse_gru_vector_gates_with_ragged_batch(built):
-    from torch.nn.utils.rnn import pack_padded_sequence
 
     torch.manual_seed(4)
     gru = nn.GRU(6, 16, batch_first=True, bidirectional=True).eval()
@@ -330,6 +330,14 @@ def test_sparse_gru_vector_gates_with_ragged_batch(built):
     x = 3 * torch.randn(19, 11, 6)  # 19 sequences: two vectors of eight and a scalar tail
     lengths = torch.randint(1, 12, (19,))
     lengths[0] = 11
+    _assert_gru_matches(fast, gru, x, lengths)
+
+
+def _assert_gru_matches(fast: SparseGRU, gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor) -> None:
+    """The sparse GRU gives the dense one's outputs and final states on ``x`` (batch first) padded and
+    packed with ``lengths``."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
     with torch.no_grad():
         for inp in (x, packed):
@@ -341,37 +349,30 @@ def test_sparse_gru_vector_gates_with_ragged_batch(built):
             torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=2e-6)
 
 
+@contextlib.contextmanager
+def _threads(count: int):
+    """torch's intra-op thread count set to ``count`` inside the block."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 5, 13, 40])
 def test_sparse_gru_small_batches_and_wide_hidden_states(built, threads, batch):
     # hidden 20: gates over units take two vectors of eight and a scalar tail; batch 1 and 5 take that path
     # for every sequence, 13 for five of them, 40 not at all (and with two threads, slices of 24 and 16)
-    from torch.nn.utils.rnn import pack_padded_sequence
-
     torch.manual_seed(5)
     gru = nn.GRU(7, 20, num_layers=2, batch_first=True, bidirectional=True).eval()
-    with torch.no_grad():
-        for n, p in gru.named_parameters():
-            if n.startswith("weight_"):
-                p.mul_((torch.rand(p.shape) < 0.15).float())
-    fast = SparseGRU(gru)
+    fast = _sparse_gru(gru, 0.15)
     x = torch.randn(batch, 9, 7)
     lengths = torch.randint(1, 10, (batch,))
     lengths[0] = 9
-    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            for inp in (x, packed):
-                got, got_h = fast(inp)
-                want, want_h = gru(inp)
-                got = got.data if not torch.is_tensor(got) else got
-                want = want.data if not torch.is_tensor(want) else want
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
-                torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=2e-6)
-    finally:
-        torch.set_num_threads(previous)
+    with _threads(threads):
+        _assert_gru_matches(fast, gru, x, lengths)
 
 
 class _TwoPaths(nn.Module):
