@@ -62,23 +62,29 @@ def train_args(first_stage: Path, out: Path, method: str, steps: int, *extra: st
     return [*args, "--out", str(out), "--quiet", *extra]
 
 
-def latest_state(run: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The tensors of the run's latest checkpoint: model, EMA, optimiser and engine."""
-    ckpt = RunDir(run).checkpoints.latest()
-    assert ckpt is not None, f"{run} has no checkpoint"
-    return {
-        name: load_tensors(ckpt / f"{name}.safetensors")[0]
-        for name in ("model", "ema", "optimizer", "engine")
-    }
+CHECKPOINT_FILES = ("model", "ema", "optimizer", "engine")  # the tensor files of a checkpoint
+
+
+def checkpoint_tensors(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors of checkpoint directory ``ckpt``, file by file: model, EMA, optimiser and engine."""
+    return {name: load_tensors(ckpt / f"{name}.safetensors")[0] for name in CHECKPOINT_FILES}
+
+
+def assert_same_checkpoints(a: Path, b: Path, key=lambda t: t) -> None:
+    """Checkpoint directories ``a`` and ``b`` hold the same tensors under the same names (compared as
+    ``key(tensor)``: a tensor's bits, say, to tell -0.0 and NaN payloads apart)."""
+    sa, sb = checkpoint_tensors(a), checkpoint_tensors(b)
+    for name in sa:
+        assert sa[name].keys() == sb[name].keys(), name
+        for k in sa[name]:
+            assert torch.equal(key(sa[name][k]), key(sb[name][k])), f"{name}:{k}"
 
 
 def assert_same_state(a: Path, b: Path) -> None:
     """The latest checkpoints of runs ``a`` and ``b`` hold the same tensors, bit for bit."""
-    sa, sb = latest_state(a), latest_state(b)
-    for name in sa:
-        assert sa[name].keys() == sb[name].keys(), name
-        for k in sa[name]:
-            assert torch.equal(sa[name][k], sb[name][k]), f"{name}:{k}"
+    ca, cb = RunDir(a).checkpoints.latest(), RunDir(b).checkpoints.latest()
+    assert ca is not None and cb is not None, f"{a} or {b} has no checkpoint"
+    assert_same_checkpoints(ca, cb)
 
 
 # ---------------------------------------------------------------------------- engine tests

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load, save, save_file
 
-from helpers import TINY_LDM
+from helpers import CHECKPOINT_FILES, TINY_LDM, assert_same_checkpoints
 from helpers import tiny_ldm as tiny
 from sparsediff.checkpoint import (
     ENGINE_FILE,
@@ -303,21 +303,6 @@ def test_corrupted_index_is_refused(tmp_path):
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def _decoded_bits(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {
-        f: {k: bits(v) for k, v in load_tensors(ckpt / f"{f}.safetensors")[0].items()}
-        for f in ("model", "ema", "optimizer", "engine")
-    }
-
-
-def _assert_bit_identical(a: Path, b: Path) -> None:
-    sa, sb = _decoded_bits(a), _decoded_bits(b)
-    for f in sa:
-        assert sa[f].keys() == sb[f].keys(), f
-        for k in sa[f]:
-            assert torch.equal(sa[f][k], sb[f][k]), f"{f}:{k} differs in its bits"
-
-
 def _decompress_checkpoint(ckpt: Path) -> None:
     """Rewrite a checkpoint's files as plain safetensors, as checkpoints were before compression."""
     for name in ("model", "ema", "optimizer", "engine"):
@@ -357,7 +342,7 @@ def test_checkpoints_are_compressed_against_the_engine_masks(rigl_runs):
     assert all(not bool((weights[n][~m] != 0).any()) for n, m in masks.items())
     plain = sum(
         len(save({k: v.contiguous() for k, v in load_tensors(ckpt / f"{n}.safetensors")[0].items()}))
-        for n in ("model", "ema", "optimizer", "engine")
+        for n in CHECKPOINT_FILES
     )
     assert directory_nbytes(ckpt) < 0.35 * plain  # the tiny preset at 90 %: header-heavy, still small
 
@@ -366,8 +351,8 @@ def test_resumed_run_from_a_compressed_checkpoint_equals_the_straight_run_bit_fo
     _, root = rigl_runs
     summary = RunDir(root / "parts").read_summary()
     assert summary["steps"] == 20 and summary["topology_updates"] >= 3
-    _assert_bit_identical(
-        RunDir(root / "straight").latest_checkpoint(), RunDir(root / "parts").latest_checkpoint()
+    assert_same_checkpoints(
+        RunDir(root / "straight").latest_checkpoint(), RunDir(root / "parts").latest_checkpoint(), key=bits
     )
 
 
@@ -379,8 +364,8 @@ def test_old_uncompressed_checkpoints_still_load_and_resume(rigl_runs):
     _, model, masks, info = load_model_and_masks(root / "old")
     assert info["checkpoint"] == str(half) and len(masks) > 0
     train(cfg, root / "old", resume=True, quiet=True)
-    _assert_bit_identical(
-        RunDir(root / "straight").latest_checkpoint(), RunDir(root / "old").latest_checkpoint()
+    assert_same_checkpoints(
+        RunDir(root / "straight").latest_checkpoint(), RunDir(root / "old").latest_checkpoint(), key=bits
     )
 
 
