@@ -190,6 +190,18 @@ inline void rows_tile(const int32_t* idx, const float* val, const int64_t* lo, c
   for (int i = 0; i < ROWS; ++i) row_tile<W, S>(idx, val, lo[i * step], hi[i * step], xb, acc + i * acc_step, add);
 }
 
+// Rows 0 .. rows - 1 of a tile (row i: non-zeros lo[i * step] .. hi[i * step], sums at acc + i * acc_step),
+// joint_rows<W>() at a time, the rest one by one.
+template <int W, int S>
+inline void tile_rows(const int32_t* idx, const float* val, const int64_t* lo, const int64_t* hi, int64_t step,
+                      int64_t rows, const float* xb, float* acc, int64_t acc_step, bool add) {
+  constexpr int J = joint_rows<W>();
+  int64_t i = 0;
+  for (; i + J <= rows; i += J)
+    rows_tile<W, S, J>(idx, val, lo + i * step, hi + i * step, step, xb, acc + i * acc_step, acc_step, add);
+  for (; i < rows; ++i) row_tile<W, S>(idx, val, lo[i * step], hi[i * step], xb, acc + i * acc_step, add);
+}
+
 template <int W>
 void spmm_impl(const float* xd, int64_t n, int64_t k, const int64_t* rp, int64_t panels, int64_t panel, int64_t m,
                const int32_t* col, const float* val, int64_t nnz, const float* bd, float* yd, bool transposed,
@@ -215,11 +227,7 @@ void spmm_impl(const float* xd, int64_t n, int64_t k, const int64_t* rp, int64_t
       for (int64_t p = 0; p < panels; ++p) {
         const float* xb = packed.data() + p * panel * W;
         const int64_t* r = rp + p * (m + 1);
-        constexpr int J = joint_rows<W>();
-        int64_t row = r0;
-        for (; row + J <= r1; row += J)
-          rows_tile<W, W, J>(col, val, r + row, r + row + 1, 1, xb, acc.data() + (row - r0) * W, W, p > 0);
-        for (; row < r1; ++row) row_tile<W, W>(col, val, r[row], r[row + 1], xb, acc.data() + (row - r0) * W, p > 0);
+        tile_rows<W, W>(col, val, r + r0, r + r0 + 1, 1, r1 - r0, xb, acc.data(), W, p > 0);
       }
       const int64_t cols = std::min<int64_t>(W, n - b * W);
       if (transposed)
@@ -359,15 +367,9 @@ void conv_impl(const float* xp, int64_t nb, int64_t c_in, int64_t c_out, int64_t
       const float* xt = xp + b * image + first;
       for (int64_t o0 = s * per_split, o_end = std::min(c_out, o0 + per_split); o0 < o_end; o0 += chunk) {
         const int64_t o1 = std::min(o_end, o0 + chunk);
-        constexpr int J = joint_rows<W>();
         for (int64_t q = 0; q < panels; ++q) {
-          const int64_t* sq = seg.data() + q;  // output channel o's panel q: sq[o * (panels + 1)] .. + 1
-          int64_t o = o0;
-          for (; o + J <= o1; o += J)
-            rows_tile<W, 1, J>(off, val, sq + o * (panels + 1), sq + o * (panels + 1) + 1, panels + 1, xt,
-                               acc.data() + (o - o0) * W, W, q > 0);
-          for (; o < o1; ++o)
-            row_tile<W, 1>(off, val, sq[o * (panels + 1)], sq[o * (panels + 1) + 1], xt, acc.data() + (o - o0) * W, q > 0);
+          const int64_t* sq = seg.data() + o0 * (panels + 1) + q;  // channel o0 + i, panel q: sq[i * (panels + 1)]
+          tile_rows<W, 1>(off, val, sq, sq + 1, panels + 1, o1 - o0, xt, acc.data(), W, q > 0);
         }
         for (int64_t o = o0; o < o1; ++o) {  // write back, dropping the padded grid's extra columns
           const float* a = acc.data() + (o - o0) * W;
@@ -612,14 +614,8 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
       int64_t bv = 0;
       auto tiles = [&](auto width) {
         constexpr int W = decltype(width)::value;
-        for (; bv + W <= e; bv += W) {
-          const float* hb = ht.data() + bv;
-          constexpr int J = joint_rows<W>();
-          int64_t r = 0;
-          for (; r + J <= 3 * hidden; r += J)
-            rows_tile<W, 1, J>(hoff.data(), val, rp + r, rp + r + 1, 1, hb, gh.data() + r * w + bv, w, true);
-          for (; r < 3 * hidden; ++r) row_tile<W, 1>(hoff.data(), val, rp[r], rp[r + 1], hb, gh.data() + r * w + bv, true);
-        }
+        for (; bv + W <= e; bv += W)
+          tile_rows<W, 1>(hoff.data(), val, rp, rp + 1, 1, 3 * hidden, ht.data() + bv, gh.data() + bv, w, true);
       };
       tiles(std::integral_constant<int, 64>{});
       tiles(std::integral_constant<int, 32>{});
