@@ -467,3 +467,46 @@ def test_every_denoiser_family_runs_sparse_with_the_same_outputs(built, kind, ar
         want = model(*xs)
         got = fast(*xs)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+def test_inputs_of_the_wrong_size_are_refused(built):
+    # the kernels index the input by the layer's own sizes: a smaller input must be refused, not read past
+    lin, mask = _masked_linear(8, 100, 0.3, 3)
+    layer = SparseLinear(lin.weight, lin.bias, mask)
+    conv = SparseConv(nn.Conv2d(6, 4, 3, padding=1))
+    with torch.no_grad():
+        for x in (torch.randn(10, 90), torch.randn(2, 5, 90)):  # 10 x 90 would reshape to 9 x 100
+            with pytest.raises(RuntimeError, match="expected 100"):
+                layer(x)
+        with pytest.raises(RuntimeError, match="expected 6"):
+            conv(torch.randn(2, 5, 8, 8))
+
+
+def _same_count_mask(shape: tuple[int, ...], active: int, seed: int) -> torch.Tensor:
+    """A random mask of exactly ``active`` non-zeros: compressed layers of two such masks have buffers of
+    the same shapes, so one's state dict loads into the other."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask.view(-1)[torch.randperm(mask.numel(), generator=torch.Generator().manual_seed(seed))[:active]] = True
+    return mask
+
+
+def test_loading_a_state_dict_refreshes_what_the_layers_derived_from_their_weights(built):
+    # the dense weights of the fallback path and the convolution's offsets are derived from the compressed
+    # weights and cached: loading other weights must not leave them stale
+    torch.manual_seed(8)
+    lin, conv = nn.Linear(20, 12), nn.Conv2d(4, 6, 3, padding=1)
+    gru_a, gru_b = nn.GRU(5, 7), nn.GRU(5, 7)
+    x_lin, x_conv, x_gru = torch.randn(3, 20), torch.randn(2, 4, 6, 6), torch.randn(4, 2, 5)
+    pairs = [
+        [SparseLinear(lin.weight, lin.bias, _same_count_mask((12, 20), 50, s)) for s in (0, 1)],
+        [SparseConv(conv, _same_count_mask(conv.weight.shape, 40, s)) for s in (0, 1)],
+        [SparseGRU(gru) for gru in (gru_a, gru_b)],
+    ]
+    with torch.no_grad():
+        for (a, b), x in zip(pairs, (x_lin, x_conv, x_gru)):
+            want_native, want_dense = b(x), b(x.double())  # float32: kernels; float64: dense fallback
+            a(x), a(x.double())  # fill a's caches
+            a.load_state_dict(b.state_dict())
+            for got, want in ((a(x), want_native), (a(x.double()), want_dense)):
+                got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ from .csr import CompressedLayer, from_csr, to_csr
 from .native import native_for
 
 PARALLEL_GRAIN = 1 << 18  # multiply-adds below which a call runs on one thread
+_NO_BIAS = torch.empty(0, dtype=torch.float32)  # the kernel's "no bias" (never written to)
 
 
 def convertible(conv: nn.Module) -> bool:
@@ -68,6 +69,10 @@ class SparseConv(CompressedLayer):
             self._offsets[key] = off.to(torch.int32)
         return self._offsets[key]
 
+    def forget(self) -> None:
+        super().forget()
+        self._offsets.clear()
+
     @property
     def density(self) -> float:
         return self.values.numel() / max(1, self.out_channels * self.in_channels * self.kh * self.kw)
@@ -91,13 +96,17 @@ class SparseConv(CompressedLayer):
         unbatched = x4.dim() == 3
         if unbatched:
             x4 = x4.unsqueeze(0)
+        if x4.shape[1] != self.in_channels:  # the kernel would read past the input
+            raise RuntimeError(f"SparseConv: input of {x4.shape[1]} channels, expected {self.in_channels}")
+        buf = self._buffers  # not nn.Module's attribute lookup: about 0.5 us per buffer
+        bias = buf["bias"]
         y = mod.sparse_conv2d(
             x4,
-            self.row_ptr,
-            self.taps,
+            buf["row_ptr"],
+            buf["taps"],
             self.offsets(x4.shape[-2], x4.shape[-1]),
-            self.values,
-            torch.empty(0) if self.bias is None else self.bias,
+            buf["values"],
+            _NO_BIAS if bias is None else bias,
             self.kh,
             self.kw,
             self.ph,

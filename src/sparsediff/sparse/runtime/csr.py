@@ -37,6 +37,14 @@ class CompressedLayer(nn.Module):
         """The dense (masked) weight in the original layer's shape."""
         raise NotImplementedError
 
+    def forget(self) -> None:
+        """Drop what was derived from the compressed weights (they were replaced: a state dict was loaded)."""
+        self._dense = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.forget()
+
     def dense_weight(self) -> torch.Tensor:
         """The dense (masked) weight, rebuilt on first use and cached (the fallback path uses it)."""
         if self._dense is None:

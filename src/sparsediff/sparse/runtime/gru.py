@@ -60,6 +60,10 @@ class SparseGRU(nn.Module):
             getattr(self, f"hh_bias{sfx}"),
         )
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._dense = None  # rebuilt from the loaded weights when next needed
+
     def dense_gru(self) -> nn.GRU:
         """An ``nn.GRU`` with the masked dense weights (the fallback path; cached)."""
         if self._dense is None:

@@ -25,6 +25,7 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 DISABLE_ENV = "SPARSEDIFF_NATIVE"
 
 _cache: dict[str, ModuleType | None] = {}
+_UNLOADED = object()
 _warned = False
 
 
@@ -98,12 +99,13 @@ def native_for(*tensors: torch.Tensor | None) -> ModuleType | None:
     """The kernel module when these inputs can take the native path (float32, on the CPU, no autograd
     graph to record); None when the caller must compute densely."""
     grad = torch.is_grad_enabled()
-    for t in tensors:
+    for t in tensors:  # on the hot path of every sparse layer call: the cheapest checks torch offers
         if t is None:
             continue
-        if t.dtype != torch.float32 or t.device.type != "cpu" or (grad and t.requires_grad):
+        if t.dtype is not torch.float32 or not t.is_cpu or (grad and t.requires_grad):
             return None
-    return kernels()
+    mod = _cache.get("mod", _UNLOADED)
+    return kernels() if mod is _UNLOADED else mod
 
 
 def reset() -> None:
