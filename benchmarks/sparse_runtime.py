@@ -164,7 +164,9 @@ def bench_model(name: str, preset: str, sparsity: float, batch: int, repeats: in
         "sparse_ms": t_sparse * 1e3,
         "speedup": t_dense / t_sparse,
         "converted_layers": len(converted),
-        "layer_choice": "measured" if measured else f"density <= {MAX_DENSITY}",
+        "layer_choice": "measured"
+        if measured
+        else "density <= " + ", ".join(f"{k} {v}" for k, v in MAX_DENSITY.items()),
         "setup_s": setup,
         "max_rel_diff": err,
     }

@@ -13,12 +13,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sparsediff.sparse.runtime import (
+    MAX_DENSITY,
     MEASURED_MARGIN,
     SparseConv,
     SparseGRU,
     SparseLinear,
     kernels,
     native,
+    sparse_layers,
     to_sparse_inference,
 )
 
@@ -109,6 +111,29 @@ def test_to_sparse_inference_keeps_forward_and_leaves_dense_layers(built):
     assert type(fast.head) is nn.Linear
     assert type(model.body[0]) is nn.Linear  # the original is untouched
     x = torch.randn(10, 7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_default_rule_has_a_density_limit_per_layer_kind(built):
+    # without example inputs a layer converts up to its kind's measured limit: linears go further than
+    # convolutions and GRUs
+    assert MAX_DENSITY["linear"] > MAX_DENSITY["conv"] == MAX_DENSITY["gru"]
+    between = (MAX_DENSITY["linear"] + MAX_DENSITY["conv"]) / 2
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(1), nn.Linear(8 * 5 * 5, 40))
+    masks = {
+        "0.weight": _same_count_mask((8, 8, 3, 3), round(between * 576), 0),
+        "2.weight": _same_count_mask((40, 200), round(between * 8000), 1),
+    }
+    with torch.no_grad():  # a trained sparse model: zero where masked
+        for n, p in model.named_parameters():
+            if n in masks:
+                p.mul_(masks[n])
+    fast = to_sparse_inference(model, masks)
+    assert sparse_layers(fast) == ["2"]
+    assert sparse_layers(to_sparse_inference(model, masks, max_density=between + 0.01)) == ["0", "2"]
+    x = torch.randn(3, 8, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
 

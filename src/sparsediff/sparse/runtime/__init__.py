@@ -24,9 +24,12 @@ from .gru import SparseGRU
 from .linear import SparseLinear
 from .native import kernels
 
-# Measured on a 2-core AVX2 machine (benchmarks/sparse_runtime.py): the kernel wins up to about this
-# density on the linears of sparsediff's denoisers and loses above it, so denser layers stay dense.
-MAX_DENSITY = 0.3
+# The default rule (no example inputs): per layer kind, the density up to which the kernels win on the
+# layers of sparsediff's denoisers, measured on a 2-core AVX2 machine (benchmarks/sparse_runtime.py).
+# Linears of 128+ input features still run 1.3-1.8x faster at 0.4 (2 threads, 16-2048 rows); 3x3
+# convolutions break even near 0.35-0.4 and lose at 0.5 (0.74-1.0x); GRUs of hidden size 96 win at 0.5
+# but a hidden size of 512 at batch 1 breaks even near 0.2, so they keep the convolutions' 0.3.
+MAX_DENSITY = {"linear": 0.4, "conv": 0.3, "gru": 0.3}
 
 # With measured choice, a layer goes sparse only when its sparse time is below this fraction of its dense
 # time: a margin for timing noise, so that a layer whose gain is within the noise (and may be a loss when
@@ -70,20 +73,24 @@ def to_sparse_inference(
     measured: one forward pass runs, and at each candidate layer its input is fed to the dense and the
     sparse layer alternately (median of three calls each); the sparse one is kept only where it was
     faster by a margin for timing noise (``MEASURED_MARGIN``: below 0.9 of the dense time).
-    Without them, a layer is converted when its density is at most ``max_density`` (``MAX_DENSITY`` by
-    default, measured on this project's denoisers: see ``benchmarks/sparse_runtime.py``).
+    Without them, a layer is converted when its density is at most ``max_density`` (by default
+    ``MAX_DENSITY`` of its kind, measured on this project's denoisers: see ``benchmarks/sparse_runtime.py``).
 
     Args:
         model: any module; it is not changed unless ``inplace``.
         masks: parameter name -> bool mask (an engine's ``masks``); without it a weight's zeros define it.
         example_inputs: positional inputs of ``model`` for the measured choice.
-        max_density: layers denser than this stay dense (with ``example_inputs``: candidates up to this
-            density are measured; 0.8 by default).
+        max_density: layers denser than this stay dense, whatever their kind (with ``example_inputs``:
+            candidates up to this density are measured; 0.8 by default).
         inplace: convert ``model`` itself instead of a copy.
         report: if given, filled with layer name -> ``{"density", "sparse", "dense_ms", "sparse_ms"}``.
     """
     out = model if inplace else copy.deepcopy(model)
-    limit = max_density if max_density is not None else (0.8 if example_inputs is not None else MAX_DENSITY)
+    if max_density is not None or example_inputs is not None:
+        everywhere = max_density if max_density is not None else 0.8
+        limit = dict.fromkeys(MAX_DENSITY, everywhere)
+    else:
+        limit = MAX_DENSITY
     candidates = _candidates(out, dict(masks or {}), limit)
     timings = _measure(out, candidates, example_inputs) if example_inputs is not None else {}
     for name, (parent, attr, _, sparse, density) in candidates.items():
@@ -100,9 +107,11 @@ def to_sparse_inference(
     return out
 
 
-def _candidates(model: nn.Module, masks: dict[str, torch.Tensor], limit: float) -> dict[str, tuple]:
+def _candidates(
+    model: nn.Module, masks: dict[str, torch.Tensor], limit: Mapping[str, float]
+) -> dict[str, tuple]:
     """name -> (parent, attribute, dense layer, its sparse version, density) for every convertible layer
-    whose density is at most ``limit``."""
+    whose density is at most ``limit`` of its kind ("linear", "conv" or "gru")."""
     out = {}
     for name, module in list(model.named_modules()):
         for attr, child in list(module.named_children()):
@@ -113,15 +122,16 @@ def _candidates(model: nn.Module, masks: dict[str, torch.Tensor], limit: float) 
                 density = sum(int(m.sum()) for m in layer_masks.values()) / sum(
                     p.numel() for p in weights.values()
                 )
-                if density <= limit:
+                if density <= limit["gru"]:
                     out[full] = (module, attr, child, SparseGRU(child, layer_masks), density)
             elif _is_plain_linear(child) or convertible(child):
                 active = _active(child.weight, masks.get(f"{full}.weight"))
                 density = float(active.float().mean())
-                if density <= limit:
+                linear = isinstance(child, nn.Linear)
+                if density <= limit["linear" if linear else "conv"]:
                     sparse = (
                         SparseLinear(child.weight, child.bias, active)
-                        if isinstance(child, nn.Linear)
+                        if linear
                         else SparseConv(child, active)
                     )
                     out[full] = (module, attr, child, sparse, density)
