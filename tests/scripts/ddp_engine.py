@@ -21,31 +21,13 @@ def run(rank: int, world: int) -> dict:
         for wrap_first in (False, True):
             torch.manual_seed(100 + rank)  # different initial weights per rank: DDP must broadcast rank 0's
             model = LayerBank([("linear", 16, 12), ("conv", 3, 6, 3), ("gru", 4, 6)])
-            if wrap_first:
-                ddp = DDP(model)
-                opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.05)
-                engine = sparsediff.sparsify(
-                    ddp,
-                    opt,
-                    method=method,
-                    sparsity=0.8,
-                    update_every=2,
-                    total_steps=60,
-                    prune_ratio=0.5,
-                    seed=3,
-                )
-            else:
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
-                engine = sparsediff.sparsify(
-                    model,
-                    opt,
-                    method=method,
-                    sparsity=0.8,
-                    update_every=2,
-                    total_steps=60,
-                    prune_ratio=0.5,
-                    seed=3,
-                )
+            settings = dict(
+                method=method, sparsity=0.8, update_every=2, total_steps=60, prune_ratio=0.5, seed=3
+            )
+            ddp = DDP(model) if wrap_first else None  # the engine sees the DDP wrapper, or the bare model
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+            engine = sparsediff.sparsify(model if ddp is None else ddp, opt, **settings)
+            if ddp is None:
                 ddp = DDP(model)
             changes = 0
             for step in range(30):
