@@ -14,6 +14,7 @@ from torch import nn
 
 from sparsediff.sparse.runtime import (
     MAX_DENSITY,
+    MEASURE_ROUNDS,
     MEASURED_MARGIN,
     SparseConv,
     SparseGRU,
@@ -428,6 +429,22 @@ def test_measured_choice_reports_each_layer_and_keeps_unreached_layers_dense(bui
     assert type(fast.unused) is nn.Linear
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seconds,rounds", [(0.0, MEASURE_ROUNDS[0]), (1e9, MEASURE_ROUNDS[1])])
+def test_measured_choice_takes_more_rounds_until_enough_time_has_passed(built, monkeypatch, seconds, rounds):
+    # a slow layer stops after the fewest rounds; a fast one goes on (up to the most) until the time is spent
+    from sparsediff.sparse import runtime
+
+    monkeypatch.setattr(runtime, "MEASURE_SECONDS", seconds)
+    calls = []
+    forward = SparseLinear.forward
+    monkeypatch.setattr(SparseLinear, "forward", lambda self, x: calls.append(x) or forward(self, x))
+    lin, mask = _masked_linear(16, 32, 0.1, 4)
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    to_sparse_inference(nn.Sequential(lin), example_inputs=(torch.randn(4, 32),))
+    assert len(calls) == 1 + rounds  # a warm-up call, then one per round
 
 
 def _randomised(model: nn.Module) -> nn.Module:

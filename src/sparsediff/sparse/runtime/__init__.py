@@ -36,6 +36,13 @@ MAX_DENSITY = {"linear": 0.4, "conv": 0.3, "gru": 0.3}
 # it matters) stays dense.
 MEASURED_MARGIN = 0.9
 
+# The measured choice alternates dense and sparse calls of a layer at least MEASURE_ROUNDS[0] and at most
+# MEASURE_ROUNDS[1] times, stopping once MEASURE_SECONDS have passed: a layer of a millisecond or more
+# takes three rounds, a layer of microseconds enough rounds for its median to settle (with three, 10 of
+# ldm-fmnist's layers at batch 1 came out sparse in some conversions and dense in others).
+MEASURE_ROUNDS = (3, 25)
+MEASURE_SECONDS = 0.01
+
 # How a model can run: "dense" (masked dense weights, torch's kernels) or "sparse" (this runtime).
 BACKENDS = ("dense", "sparse")
 
@@ -43,6 +50,8 @@ __all__ = [
     "BACKENDS",
     "MAX_DENSITY",
     "MEASURED_MARGIN",
+    "MEASURE_ROUNDS",
+    "MEASURE_SECONDS",
     "SparseConv",
     "SparseGRU",
     "SparseLinear",
@@ -71,7 +80,7 @@ def to_sparse_inference(
     Each layer chooses sparse or dense by what is faster for its shape and density. With
     ``example_inputs`` (the inputs of one forward pass, at the batch size that will be used) the choice is
     measured: one forward pass runs, and at each candidate layer its input is fed to the dense and the
-    sparse layer alternately (median of three calls each); the sparse one is kept only where it was
+    sparse layer alternately (median of 3-25 calls each, more for fast layers); the sparse one is kept only where it was
     faster by a margin for timing noise (``MEASURED_MARGIN``: below 0.9 of the dense time).
     Without them, a layer is converted when its density is at most ``max_density`` (by default
     ``MAX_DENSITY`` of its kind, measured on this project's denoisers: see ``benchmarks/sparse_runtime.py``).
@@ -140,8 +149,8 @@ def _candidates(
 
 def _measure(model: nn.Module, candidates: dict[str, tuple], inputs: tuple) -> dict[str, tuple[float, float]]:
     """Run ``model(*inputs)`` once; at each candidate layer time the dense and the sparse version on the
-    input it receives (median of three calls each, after a warm-up). Returns name -> (dense seconds,
-    sparse seconds)."""
+    input it receives (alternately, after a warm-up; the median of ``MEASURE_ROUNDS`` calls each). Returns
+    name -> (dense seconds, sparse seconds)."""
     timings: dict[str, tuple[float, float]] = {}
 
     def hook(name: str, dense: nn.Module, sparse: nn.Module):
@@ -152,11 +161,14 @@ def _measure(model: nn.Module, candidates: dict[str, tuple], inputs: tuple) -> d
             for call in calls:  # warm-up: first-call allocations, the kernel build
                 call()
             samples: list[list[float]] = [[], []]
-            for _ in range(3):
+            start = time.perf_counter()
+            for rounds in range(1, MEASURE_ROUNDS[1] + 1):
                 for i, call in enumerate(calls):
                     t0 = time.perf_counter()
                     call()
                     samples[i].append(time.perf_counter() - t0)
+                if rounds >= MEASURE_ROUNDS[0] and time.perf_counter() - start >= MEASURE_SECONDS:
+                    break
             timings[name] = (statistics.median(samples[0]), statistics.median(samples[1]))
 
         return measure
