@@ -552,3 +552,39 @@ def test_loading_a_state_dict_refreshes_what_the_layers_derived_from_their_weigh
             for got, want in ((a(x), want_native), (a(x.double()), want_dense)):
                 got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _EveryKind(nn.Module):
+    """A 2-D and a 1-D convolution, a linear on 3-D input and a GRU, with activations between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1d = nn.Conv1d(8, 8, 3, padding=2, dilation=2)
+        self.lin = nn.Linear(36, 20)
+        self.gru = nn.GRU(20, 12, batch_first=True)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        h = F.silu(self.conv(x)).flatten(2)  # (N, 8, 36)
+        h = F.gelu(self.lin(F.silu(self.conv1d(h))))  # (N, 8, 20)
+        return self.head(self.gru(h)[0])
+
+
+def test_a_sparse_model_compiles_into_one_graph(built):
+    # under torch.compile the kernels are torch operators (torch.ops.sparsediff), so the compiler sees one
+    # graph (fullgraph=True refuses any break) and the outputs stay those of the masked dense model
+    torch.manual_seed(9)
+    model = _EveryKind().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "weight" in n:
+                p.mul_((torch.rand(p.shape) < 0.2).float())
+    fast = to_sparse_inference(model, max_density=1.0)
+    assert {"conv", "conv1d", "lin", "gru", "head"} <= set(sparse_layers(fast))
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for batch in (3, 1):
+            x = torch.randn(batch, 3, 6, 6)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import ops  # noqa: F401  (registers torch.ops.sparsediff for torch.compile)
 from .conv import SparseConv, convertible
 from .gru import SparseGRU
 from .linear import SparseLinear

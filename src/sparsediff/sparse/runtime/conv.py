@@ -61,11 +61,14 @@ class SparseConv(CompressedLayer):
         key = (height, width)
         if key not in self._offsets:
             hp, wp = height + 2 * self.ph, width + 2 * self.pw
+            furthest = (
+                (self.in_channels - 1) * hp * wp + (self.kh - 1) * self.dh * wp + (self.kw - 1) * self.dw
+            )
+            if furthest >= 2**31:  # from the sizes alone: no data-dependent branch for torch.compile
+                raise ValueError(f"input of {height}x{width} is too large for 32-bit offsets")
             taps = self.taps.long()
             c, rest = taps // (self.kh * self.kw), taps % (self.kh * self.kw)
             off = c * (hp * wp) + (rest // self.kw) * (self.dh * wp) + (rest % self.kw) * self.dw
-            if off.numel() and int(off.max()) >= 2**31:
-                raise ValueError(f"input of {height}x{width} is too large for 32-bit offsets")
             self._offsets[key] = off.to(torch.int32)
         return self._offsets[key]
 

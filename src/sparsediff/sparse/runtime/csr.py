@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .native import kernels
+
 
 def to_csr(weight: torch.Tensor, base: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(row_ptr, cols, values)`` of the non-zeros of a 2-D ``weight``, row by row.
@@ -32,6 +34,7 @@ class CompressedLayer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._dense: torch.Tensor | None = None
+        kernels()  # built or loaded now, not on the first forward (where torch.compile could not trace it)
 
     def rebuild_weight(self) -> torch.Tensor:
         """The dense (masked) weight in the original layer's shape."""

@@ -18,6 +18,7 @@ import platform
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ DISABLE_ENV = "SPARSEDIFF_NATIVE"
 
 _cache: dict[str, ModuleType | None] = {}
 _UNLOADED = object()
+OPERATORS = hasattr(torch.library, "custom_op")  # the kernels can be torch operators (ops.py; torch >= 2.4)
 _warned = False
 
 
@@ -95,9 +97,10 @@ def kernels() -> ModuleType | None:
     return mod
 
 
-def native_for(*tensors: torch.Tensor | None) -> ModuleType | None:
+def native_for(*tensors: torch.Tensor | None) -> Any:
     """The kernel module when these inputs can take the native path (float32, on the CPU, no autograd
-    graph to record); None when the caller must compute densely."""
+    graph to record); None when the caller must compute densely. While ``torch.compile`` traces, the
+    same kernels as ``torch.ops.sparsediff`` operators (same names and arguments)."""
     grad = torch.is_grad_enabled()
     for t in tensors:  # on the hot path of every sparse layer call: the cheapest checks torch offers
         if t is None:
@@ -105,7 +108,16 @@ def native_for(*tensors: torch.Tensor | None) -> ModuleType | None:
         if t.dtype is not torch.float32 or not t.is_cpu or (grad and t.requires_grad):
             return None
     mod = _cache.get("mod", _UNLOADED)
-    return kernels() if mod is _UNLOADED else mod
+    if mod is _UNLOADED:
+        mod = kernels()
+    if (
+        mod is not None and OPERATORS and _compiling()
+    ):  # the kernels as operators the compiler traces (ops.py)
+        return torch.ops.sparsediff
+    return mod
+
+
+_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch.compile is tracing
 
 
 def reset() -> None:
