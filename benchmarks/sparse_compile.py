@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from sparse_runtime import build, inputs, timed
-from sparsediff.sparse.runtime import kernels, sparse_layers, to_sparse_inference
+from sparse_runtime import build, inputs, only_the_table, timed
+from sparsediff.sparse.runtime import sparse_layers, to_sparse_inference
 
 OUT = Path(__file__).parent / "results" / "sparse_compile.json"
 CASES = [
@@ -93,11 +93,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = ap.parse_args()
-    if args.table:
-        print(table(Path(args.out)))
+    if only_the_table(args, table):
         return
-    if kernels() is None:
-        raise SystemExit("the native kernels did not build; nothing to measure")
     torch.set_num_threads(args.threads)
     rows = []
     for preset, batch in CASES:

@@ -230,6 +230,17 @@ def table(path: Path) -> str:
     return "\n".join(out)
 
 
+def only_the_table(args: argparse.Namespace, tables) -> bool:
+    """With ``--table``, print ``tables(--out)`` and say so; otherwise make sure there is something to
+    measure (the kernels built)."""
+    if args.table:
+        print(tables(Path(args.out)))
+        return True
+    if kernels() is None:
+        raise SystemExit("the native kernels did not build; nothing to measure")
+    return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small models, 90 %% only, few repeats")
@@ -240,11 +251,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--table", action="store_true", help="print the markdown tables of --out and exit")
     args = ap.parse_args()
-    if args.table:
-        print(table(Path(args.out)))
+    if only_the_table(args, table):
         return
-    if kernels() is None:
-        raise SystemExit("the native kernels did not build; nothing to measure")
     sparsities = [float(s) for s in args.sparsities.split(",")]
     models = [m for m in MODELS if m[0] in args.models.split(",")]
     repeats = args.repeats
