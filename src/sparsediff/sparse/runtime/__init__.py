@@ -82,8 +82,9 @@ def to_sparse_inference(
     Each layer chooses sparse or dense by what is faster for its shape and density. With
     ``example_inputs`` (the inputs of one forward pass, at the batch size that will be used) the choice is
     measured: one forward pass runs, and at each candidate layer its input is fed to the dense and the
-    sparse layer alternately (median of 3-25 calls each, more for fast layers); the sparse one is kept only where it was
-    faster by a margin for timing noise (``MEASURED_MARGIN``: below 0.9 of the dense time).
+    sparse layer alternately (median of 3-25 calls each, more for fast layers); the sparse one is kept
+    only where it was faster by a margin for timing noise (``MEASURED_MARGIN``: below 0.9 of the dense
+    time).
     Without them, a layer is converted when its density is at most ``max_density`` (by default
     ``MAX_DENSITY`` of its kind, measured on this project's denoisers: see ``benchmarks/sparse_runtime.py``).
 

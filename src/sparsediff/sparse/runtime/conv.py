@@ -6,11 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .csr import CompressedLayer, from_csr, to_csr
+from .csr import NO_BIAS, CompressedLayer, from_csr, to_csr
 from .native import native_for
 
 PARALLEL_GRAIN = 1 << 18  # multiply-adds below which a call runs on one thread
-_NO_BIAS = torch.empty(0, dtype=torch.float32)  # the kernel's "no bias" (never written to)
 
 
 def convertible(conv: nn.Module) -> bool:
@@ -109,7 +108,7 @@ class SparseConv(CompressedLayer):
             buf["taps"],
             self.offsets(x4.shape[-2], x4.shape[-1]),
             buf["values"],
-            _NO_BIAS if bias is None else bias,
+            NO_BIAS if bias is None else bias,
             self.kh,
             self.kw,
             self.ph,

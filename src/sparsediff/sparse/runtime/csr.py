@@ -7,6 +7,8 @@ from torch import nn
 
 from .native import kernels
 
+NO_BIAS = torch.empty(0, dtype=torch.float32)  # what the kernels take for "no bias" (never written to)
+
 
 def to_csr(weight: torch.Tensor, base: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(row_ptr, cols, values)`` of the non-zeros of a 2-D ``weight``, row by row.

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .csr import from_csr, to_csr
+from .csr import NO_BIAS, from_csr, to_csr
 from .linear import SparseLinear
 from .native import native_for
 
@@ -117,7 +117,6 @@ class SparseGRU(nn.Module):
             h0 = seq.new_zeros(self.num_layers * self.directions, batch, self.hidden_size)
         elif unbatched:
             h0 = h0.unsqueeze(1)
-        empty = torch.empty(0)
         finals = []
         inp = seq
         for layer in range(self.num_layers):
@@ -128,7 +127,7 @@ class SparseGRU(nn.Module):
                 # (3H, T, B): the batch last, for the native loop, straight from the SpMM
                 gi_t = self.inputs[idx].transposed_rows(inp.reshape(steps * batch, -1)).view(-1, steps, batch)
                 row_ptr, cols, values, b_hh = self._hh(sfx)
-                bias = empty if b_hh is None else b_hh
+                bias = NO_BIAS if b_hh is None else b_hh
                 out, last = mod.gru_recurrence(gi_t, row_ptr, cols, values, bias, h0[idx], lengths, bool(d))
                 outs.append(out.transpose(1, 2))  # (T, B, H)
                 finals.append(last)

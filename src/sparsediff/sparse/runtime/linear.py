@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .csr import CompressedLayer, from_csr, to_csr
+from .csr import NO_BIAS, CompressedLayer, from_csr, to_csr
 from .native import native_for
 
 
@@ -18,8 +18,6 @@ def panel_width(in_features: int) -> int:
 
 # Multiply-adds below which a call runs on one thread (starting threads costs more than it saves).
 PARALLEL_GRAIN = 1 << 18
-
-_NO_BIAS = torch.empty(0, dtype=torch.float32)  # the kernel's "no bias" (never written to)
 
 
 class SparseLinear(CompressedLayer):
@@ -69,13 +67,9 @@ class SparseLinear(CompressedLayer):
             w = self.dense_weight().to(x.device, x.dtype)
             b = None if self.bias is None else self.bias.to(x.device, x.dtype)
             return F.linear(x, w, b)
-        if x.shape[-1] != self.in_features:
-            raise RuntimeError(
-                f"{type(self).__name__}: input of {x.shape[-1]} features, expected {self.in_features}"
-            )
         if x.dim() == 2:
             return self._native(mod, x, transposed=False)
-        y = self._native(mod, x.reshape(-1, self.in_features), transposed=False)
+        y = self._native(mod, x.reshape(-1, x.shape[-1]), transposed=False)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def transposed_rows(self, rows: torch.Tensor) -> torch.Tensor:
@@ -87,6 +81,10 @@ class SparseLinear(CompressedLayer):
         return self._native(mod, rows, transposed=True)
 
     def _native(self, mod, rows: torch.Tensor, transposed: bool) -> torch.Tensor:
+        if rows.shape[1] != self.in_features:  # the kernel would read past the input
+            raise RuntimeError(
+                f"{type(self).__name__}: input of {rows.shape[1]} features, expected {self.in_features}"
+            )
         # The buffers straight from their dict: nn.Module's attribute lookup costs about 0.5 us per buffer,
         # as much as the whole kernel call on a small layer.
         buf = self._buffers
@@ -96,7 +94,7 @@ class SparseLinear(CompressedLayer):
             buf["row_ptr"],
             buf["cols"],
             buf["values"],
-            _NO_BIAS if bias is None else bias,
+            NO_BIAS if bias is None else bias,
             self.panel,
             PARALLEL_GRAIN,
             transposed,

@@ -26,7 +26,6 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 DISABLE_ENV = "SPARSEDIFF_NATIVE"
 
 _cache: dict[str, ModuleType | None] = {}
-_UNLOADED = object()
 OPERATORS = hasattr(torch.library, "custom_op")  # the kernels can be torch operators (ops.py; torch >= 2.4)
 _warned = False
 
@@ -107,9 +106,7 @@ def native_for(*tensors: torch.Tensor | None) -> Any:
             continue
         if t.dtype is not torch.float32 or not t.is_cpu or (grad and t.requires_grad):
             return None
-    mod = _cache.get("mod", _UNLOADED)
-    if mod is _UNLOADED:
-        mod = kernels()
+    mod = kernels()
     if (
         mod is not None and OPERATORS and _compiling()
     ):  # the kernels as operators the compiler traces (ops.py)
