@@ -588,3 +588,10 @@ def test_a_sparse_model_compiles_into_one_graph(built):
             x = torch.randn(batch, 3, 6, 6)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_a_sparse_gru_refuses_inputs_of_the_wrong_size(built):
+    # its input projection goes through SparseLinear.transposed_rows, which checks the feature count
+    fast = SparseGRU(nn.GRU(6, 4, batch_first=True))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="expected 6"):
+        fast(torch.randn(2, 3, 5))
