@@ -12,9 +12,12 @@ It is written into ``checkpoints/.tmp-step-.../``, every file flushed to disk, a
 its final name (a rename is atomic on POSIX file systems); ``checkpoints/latest`` is replaced the same
 way. A process killed at any moment, even halfway through writing, leaves either the previous
 checkpoint or the new one, never a torn one; leftover temporary directories are removed on the next
-start. Nothing here unpickles anything.
+start. A write that fails (the disk or the quota full, say) removes the unfinished checkpoint at once, so
+its space is free again, and leaves the previous checkpoint and ``latest`` as they were; a full disk is
+reported as a :class:`~sparsediff.errors.DiskFullError` naming the run directory, the bytes the
+checkpoint needs and the bytes free. Nothing here unpickles anything.
 
-The files are written compressed (``sparse/compress.py``): the engine's masks as bitmasks (deflated when
+The files are written compressed (``sparse/codec/``): the engine's masks as bitmasks (deflated when
 smaller), and every tensor that is zero outside its layer's mask (the weights, their EMA copy, each
 optimiser state tensor of the weight's shape) as the values inside the mask only, referring to the mask
 in ``engine.safetensors``; any other tensor that is mostly zero with its own support, the rest dense. A
@@ -28,19 +31,19 @@ the file and the entries that do not fit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
-from .errors import StateError
-from .sparse.compress import Support, save_compressed
-from .sparse.decompress import load_compressed
+from .errors import DiskFullError, StateError, is_disk_full
+from .sparse.codec import Support, load_compressed, save_compressed, serialized_nbytes
 from .sparse.io import MASK_PREFIX
 
 LATEST = "latest"
@@ -79,7 +82,7 @@ def save_tensors(
     supports: Mapping[str, Support] | None = None,
 ) -> None:
     """Write ``tensors`` to the safetensors file ``path``; with ``compress``, sparse tensors compressed
-    (against ``supports`` where given, see :func:`sparsediff.sparse.compress.encode`)."""
+    (against ``supports`` where given, see :func:`sparsediff.sparse.codec.encode`)."""
     if compress:
         save_compressed(path, tensors, metadata, supports)
     else:
@@ -102,6 +105,51 @@ def directory_nbytes(path: Path) -> int:
     if not path.is_dir():
         return 0
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def tensors_nbytes(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    compress: bool = False,
+    supports: Mapping[str, Support] | None = None,
+) -> int:
+    """The size in bytes of the file :func:`save_tensors` would write with these arguments (nothing is
+    written; the file's bytes are built in memory)."""
+    if compress:
+        return serialized_nbytes(tensors, metadata, supports)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return len(save(tensors, metadata=dict(metadata) if metadata is not None else None))
+
+
+# ---------------------------------------------------------------------------- a full disk
+
+
+def _nbytes_text(n: int) -> str:
+    """``"12,345,678 bytes (11.8 MiB)"``."""
+    unit = next(((u, 2**e) for u, e in (("GiB", 30), ("MiB", 20)) if n >= 2**e), None)
+    return f"{n:,} bytes" + (f" ({n / unit[1]:.1f} {unit[0]})" if unit else "")
+
+
+def disk_full_error(
+    doing: str, error: BaseException, needed: int | None, counted: str, where: Path, then: str
+) -> DiskFullError:
+    """The error to raise when ``doing`` (``"writing PATH"``) failed with ``error``, a full disk.
+
+    The message says what was written, why it failed, the bytes it needs (``needed``, ``counted`` saying
+    how they were counted), the bytes free on the file system of ``where`` (when they can be read), and
+    ``then``: what was left on disk and what to do.
+    """
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    need = (
+        f"it needs {_nbytes_text(needed)} ({counted})"
+        if needed is not None
+        else "the bytes it needs are unknown"
+    )
+    try:
+        free = f"{_nbytes_text(shutil.disk_usage(where).free)} are free in {where}"
+    except OSError:
+        free = f"the free space of {where} cannot be read"
+    return DiskFullError(f"the disk filled while {doing} ({reason}): {need}, and {free}. {then}")
 
 
 # ---------------------------------------------------------------------------- model and EMA weights
@@ -287,43 +335,104 @@ class CheckpointDir:
         trainer_state: dict[str, Any],
     ) -> Path:
         """Write ``files`` (name -> (tensors, metadata)) and ``trainer.json`` as checkpoint ``step``
-        (compressed unless ``compress`` is False: see the module docstring)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        (compressed unless ``compress`` is False: see the module docstring).
+
+        Whatever stops the writing, the unfinished checkpoint is removed at once (its space is free
+        again) and the previous checkpoint and ``latest`` stay as they were.
+
+        Raises:
+            DiskFullError: the disk or the quota filled (the message names the run directory, the bytes
+                the checkpoint needs and the bytes free).
+        """
         final = self.root / checkpoint_name(step)
         tmp = self.root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        supports = shared_masks(files) if self.compress else {}
-        for name, (tensors, meta) in files.items():
-            save_tensors(tmp / name, tensors, meta, compress=self.compress, supports=supports.get(name))
-            _fsync_file(tmp / name)
-        manifest = {"step": step, "files": sorted(files), **trainer_state}
-        (tmp / TRAINER_FILE).write_text(json.dumps(manifest, indent=2))
-        _fsync_file(tmp / TRAINER_FILE)
-        _fsync_dir(tmp)
-        if final.exists():  # a checkpoint of the same step (a resumed run reaching it again)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        self._write_latest(final.name)
+        manifest = json.dumps({"step": step, "files": sorted(files), **trainer_state}, indent=2)
+        with self._undo_on_failure(
+            lambda: shutil.rmtree(tmp, ignore_errors=True), final.name, files, manifest
+        ):
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            supports = shared_masks(files) if self.compress else {}
+            for name, (tensors, meta) in files.items():
+                save_tensors(tmp / name, tensors, meta, compress=self.compress, supports=supports.get(name))
+                _fsync_file(tmp / name)
+            (tmp / TRAINER_FILE).write_text(manifest)
+            _fsync_file(tmp / TRAINER_FILE)
+            _fsync_dir(tmp)
+            if final.exists():  # a checkpoint of the same step (a resumed run reaching it again)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        # Until ``latest`` names it the new checkpoint is not part of the run: one whose pointer could not
+        # be written is taken away again, and ``latest`` still names the previous one.
+        with self._undo_on_failure(lambda: self._delete(final), final.name, files, manifest):
+            self._write_latest(final.name)
         _fsync_dir(self.root)
         self._prune()
         return final
 
+    @contextlib.contextmanager
+    def _undo_on_failure(
+        self, undo: Callable[[], None], name: str, files: Mapping[str, tuple[Any, Any]], manifest: str
+    ) -> Iterator[None]:
+        """Run the block; on any error ``undo()`` it, and turn a full disk into a :class:`DiskFullError`."""
+        try:
+            yield
+        except BaseException as e:
+            undo()
+            if is_disk_full(e):
+                raise self._disk_full(e, name, files, manifest) from e
+            raise
+
+    def _disk_full(
+        self, error: BaseException, name: str, files: Mapping[str, tuple[Any, Any]], manifest: str
+    ) -> DiskFullError:
+        """The :class:`DiskFullError` of checkpoint ``name`` (its unfinished files already removed)."""
+        run, last = self.root.parent, self.latest()
+        try:  # the exact size of what was being written (built again in memory, not written)
+            supports = shared_masks(files) if self.compress else {}
+            needed: int | None = len(manifest.encode()) + sum(
+                tensors_nbytes(tensors, meta, self.compress, supports.get(f))
+                for f, (tensors, meta) in files.items()
+            )
+            counted = "the size of its files, computed from the tensors being written"
+        except Exception:  # the error to report is the full disk, not this one
+            needed = directory_nbytes(last) if last is not None else None
+            counted = "the size of the previous checkpoint"
+        then = "The unfinished checkpoint was removed; " + (
+            f"the last complete one, {last.name}, is untouched and `{LATEST}` names it: free some space, "
+            f"then resume from it (sparsediff train --resume --out {run})."
+            if last is not None
+            else "no complete checkpoint was written before it."
+        )
+        where = self.root if self.root.exists() else run
+        return disk_full_error(f"writing checkpoint {name} of run {run}", error, needed, counted, where, then)
+
     def _write_latest(self, name: str) -> None:
         tmp = self.root / f".tmp-latest-{os.getpid()}"
-        tmp.write_text(name + "\n")
-        _fsync_file(tmp)
-        os.replace(tmp, self.root / LATEST)
+        try:
+            tmp.write_text(name + "\n")
+            _fsync_file(tmp)
+            os.replace(tmp, self.root / LATEST)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _delete(self, path: Path) -> None:
+        """Remove checkpoint directory ``path``: renamed first (atomic), then deleted, so that a process
+        killed halfway through leaves a ``.tmp-*`` directory (cleaned at the next start), never a
+        half-deleted ``step-*`` one."""
+        if not path.exists():
+            return
+        doomed = self.root / f".tmp-delete-{path.name}-{os.getpid()}"
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def _prune(self) -> None:
         done = self.list()
         for old in done[: max(0, len(done) - self.keep)]:
-            # Rename first (atomic), then delete: a process killed halfway through the deletion leaves a
-            # .tmp-* directory (cleaned at the next start), never a half-deleted step-* one.
-            doomed = self.root / f".tmp-delete-{old.name}-{os.getpid()}"
-            os.rename(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            self._delete(old)
 
     @staticmethod
     def is_complete(path: Path) -> bool:

@@ -33,12 +33,13 @@ from .checkpoint import (
     ENGINE_FILE,
     MODEL_FILE,
     CheckpointDir,
+    disk_full_error,
     load_checkpoint_weights,
     load_state_checked,
     load_tensors,
 )
 from .config import RunConfig, config_from_dict, flatten
-from .errors import ConfigError, StateError
+from .errors import ConfigError, StateError, is_disk_full
 from .sparse.masks import mask_mismatch
 
 __all__ = [
@@ -61,10 +62,22 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.ckpt_every", "tra
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a renamed temporary file: a reader never sees half a file."""
+    """Write ``text`` to ``path`` through a renamed temporary file: a reader never sees half a file, and
+    a write that fails leaves no temporary file (a full disk raises :class:`DiskFullError`)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            then = (
+                f"It was not written (any earlier {path.name} is untouched): free some space and run again."
+            )
+            raise disk_full_error(
+                f"writing {path}", e, len(text.encode()), "the size of its text", path.parent, then
+            ) from e
+        raise
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -386,7 +399,7 @@ def mask_model(
     masks in the checkpoint's engine state. ``masks``: parameter name -> bool mask (True = kept), empty
     for a dense run. Masked entries become exactly +0.0.
     """
-    if cfg.sparse.method == "dense":
+    if not cfg.sparse.sparse_method.masked:
         return {}, {"masked_layers": 0}
     if cfg.sparse.structured:
         from .sparse import one_shot_nm
@@ -403,8 +416,7 @@ def mask_model(
         )
         report = {"masked_layers": len(masks), "pattern": f"{pattern.n}:{pattern.m}"}
     else:
-        from .sparse.compress import mask_checksum
-        from .sparse.decompress import shared_mask_checksums
+        from .sparse.codec import mask_checksum, shared_mask_checksums
         from .sparse.io import MASK_PREFIX, engine_state_from_tensors
 
         tensors, meta = load_tensors(ckpt / ENGINE_FILE)
