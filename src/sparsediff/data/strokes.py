@@ -6,11 +6,13 @@ Hershey fonts all do.
 
 A *sequence* is what the denoiser sees: an (L, 3) array of (x, y, pen) with pen = 1 on the last point of
 each stroke. ``to_points`` makes the absolute form, ``to_velocity`` the velocity form (first row absolute,
-then deltas), which is ChiroDiff's main representation (REFERENCE.md section 3).
+then deltas), which is ChiroDiff's main representation (Das et al., ICLR 2023; docs/chirodiff.md collects
+the facts this module takes from the paper).
 
-Preprocessing follows ChiroDiff (section 3): move the first point to the origin, divide by the largest
-distance of any point from the origin, resample every stroke by arc length every 0.05 units, multiply
-by 10, drop drawings with more than 25 strokes or longer than 300 points. All of these are arguments.
+Preprocessing follows ChiroDiff (docs/chirodiff.md, section 2): move the first point to the origin,
+divide by the largest distance of any point from the origin, resample every stroke by arc length every
+0.05 units, multiply by 10, drop drawings with more than 25 strokes or longer than 300 points. All of
+these are arguments.
 What ChiroDiff leaves unsaid and is **assumed** here (documented defaults, never hidden constants):
 
 - both endpoints of every stroke are kept; the last gap of a stroke may be shorter than the step;
@@ -39,7 +41,7 @@ from ..errors import ConfigError, DataError
 
 Strokes = list[np.ndarray]  # one (K, 2) float array of absolute (x, y) per stroke
 
-# ChiroDiff's preprocessing defaults (REFERENCE.md section 3)
+# ChiroDiff's preprocessing defaults (docs/chirodiff.md, section 2)
 RESAMPLE = 0.05
 SCALE = 10.0
 MAX_STROKES = 25

@@ -3,14 +3,16 @@
 A training example is one preprocessed drawing as an (L, 3) sequence of (dx, dy, pen) in velocity form
 (or (x, y, pen) with ``data.args.representation: absolute``), pen = 1 on the last point of each stroke.
 Batches are zero-padded to the longest sequence of the batch; the loss only counts the valid points and
-is averaged per sequence over its own length (REFERENCE.md section 3).
+is averaged per sequence over its own valid points (ChiroDiff, Das et al., ICLR 2023; the facts this
+module relies on, and where it departs from them, are in docs/chirodiff.md).
 
 Sampling draws each sample's length from the real training lengths (seeded by the sampling generator),
-denoises a noise sequence of that length (DDPM with ``sample.variance_scale``, 0.75 in the ChiroDiff
-presets, or DDIM), then decodes it: velocities -> absolute points -> strokes, split where the pen
-channel exceeds ``sample.pen_threshold``. The drawings are rasterised (white on black, like the rest of
-the project) to ``data.args.raster_size`` pixels (32: what the stroke FID feature network reads), with
-the same rasteriser as the held-out references, so that FID compares like with like.
+denoises a noise sequence of that length (DDPM, the standard deviation of its noise multiplied by
+``sample.variance_scale``, 0.75 in the ChiroDiff presets; or DDIM), then decodes it: velocities ->
+absolute points -> strokes, split where the pen channel exceeds ``sample.pen_threshold`` (0.8). The
+drawings are rasterised (white on black, like the rest of the project) to ``data.args.raster_size``
+pixels (32: what the stroke FID feature network reads), with the same rasteriser as the held-out
+references, so that FID compares like with like.
 """
 
 from __future__ import annotations
