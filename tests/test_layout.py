@@ -3,7 +3,9 @@
 The import graph is read from the source with ``ast`` (nothing is imported): every ``import`` and
 ``from ... import`` statement, at module level or inside a function, with relative imports resolved.
 A cycle counts even when one of its imports sits inside a function: such a lazy import only hides the
-tangle from the interpreter, not from a reader.
+tangle from the interpreter, not from a reader. A check that names a module fails when that module is
+gone (renamed or moved), and every loop over files first asserts that it found some: no check here can
+pass by finding nothing to check.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "sparsediff"
 MAX_LINES = 600
+NATIVE_SUFFIXES = (".cpp", ".h", ".cu")  # the C++ sources of the native kernels count against MAX_LINES
 
 
 @dataclass(frozen=True)
@@ -152,9 +155,21 @@ def _in(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
+def require(graph: dict[str, set[str]], *modules: str) -> None:
+    """Fail, naming them, when ``modules`` are not modules of the package: a check about a module that
+    was renamed or moved must not pass by finding nothing to check."""
+    missing = [m for m in modules if m not in graph]
+    assert not missing, (
+        f"{', '.join(missing)}: no such module any more; if it was renamed or moved, "
+        "update the layout test that names it (it would otherwise check nothing)"
+    )
+
+
 @pytest.fixture(scope="module")
 def files() -> dict[str, Path]:
-    return module_files()
+    found = module_files()
+    assert PACKAGE in found and len(found) > 1, f"no sparsediff modules found under {SRC / PACKAGE}"
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +193,9 @@ def test_the_graph_sees_relative_and_function_level_imports(tmp_path):
     assert cycles(g) == [[f"{PACKAGE}.a", f"{PACKAGE}.sub.b"]]
     names = {(i.module, i.name) for i in imports_of(f"{PACKAGE}.sub.b", found)}
     assert names == {(PACKAGE, "a"), (f"{PACKAGE}.a", "_hidden"), (f"{PACKAGE}.a", None)}
+    require(g, f"{PACKAGE}.a", f"{PACKAGE}.sub")
+    with pytest.raises(AssertionError, match=f"{PACKAGE}.gone: no such module"):
+        require(g, f"{PACKAGE}.a", f"{PACKAGE}.gone")
 
 
 def test_no_import_cycles(graph):
@@ -203,9 +221,11 @@ def test_no_private_names_imported_from_other_modules(files):
 
 
 def test_no_source_file_over_the_line_limit(files):
+    native = sorted(p for p in (SRC / PACKAGE).rglob("*") if p.suffix in NATIVE_SUFFIXES)
+    assert native, f"no native sources ({', '.join(NATIVE_SUFFIXES)}) found under {SRC / PACKAGE}"
     long = {
         str(path.relative_to(SRC)): n
-        for path in files.values()
+        for path in [*files.values(), *native]
         if (n := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert not long, f"files over {MAX_LINES} lines: {long}"
@@ -213,8 +233,7 @@ def test_no_source_file_over_the_line_limit(files):
 
 @pytest.mark.parametrize("module", ["sparsediff.sample", "sparsediff.evaluate"])
 def test_sampling_and_evaluation_do_not_depend_on_training(graph, module):
-    if module not in graph:
-        pytest.skip(f"{module} is not a module")
+    require(graph, module, "sparsediff.train")
     assert "sparsediff.train" not in depends_on(graph, module), " -> ".join(
         chain(graph, module, "sparsediff.train")
     )
@@ -222,13 +241,9 @@ def test_sampling_and_evaluation_do_not_depend_on_training(graph, module):
 
 def test_the_engine_depends_on_no_diffusion_layer(graph):
     """``sparsediff.sparse`` stands on its own: it sparsifies any model in any loop."""
+    layers = ("diffusion", "models", "data")
+    require(graph, "sparsediff.sparse", *(f"sparsediff.{p}" for p in layers))
     engine = [m for m in graph if _in(m, "sparsediff.sparse")]
-    assert engine
-    bad = {
-        m: sorted(
-            w for w in graph[m] if any(_in(w, f"sparsediff.{p}") for p in ("diffusion", "models", "data"))
-        )
-        for m in engine
-    }
+    bad = {m: sorted(w for w in graph[m] if any(_in(w, f"sparsediff.{p}") for p in layers)) for m in engine}
     bad = {m: w for m, w in bad.items() if w}
     assert not bad, f"sparse/ modules importing diffusion, models or data: {bad}"
