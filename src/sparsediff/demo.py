@@ -22,6 +22,7 @@ from torch import nn
 
 from .run import RunDir
 from .sparse import count_flops, sparsify
+from .sparse.methods import is_dense
 
 DEMO_DIR = Path("runs/demo")
 METHODS = (("dense", 0.0), ("rigl", 0.5))
@@ -86,7 +87,7 @@ def time_backends(
 
 
 def _run_name(method: str, sparsity: float) -> str:
-    return method if method == "dense" else f"{method}-{round(sparsity * 100)}"
+    return method if is_dense(method) else f"{method}-{round(sparsity * 100)}"
 
 
 def run_demo(

@@ -51,11 +51,12 @@ from .errors import ConfigError
 from .run import RunDir, RunSummary, load_masked_model
 from .sparse import count_flops, one_shot_nm, sparsify
 from .sparse.io import engine_state_to_tensors
+from .sparse.methods import get_method, method_names
 from .sparse.nm import parse_nm, parse_progressive, progressive_schedule
 from .tasks import make_task
 from .train import total_steps, train
 
-FINETUNE_METHODS = ("srste", "oneshot")
+FINETUNE_METHODS = method_names(structured=True)  # N:M methods: fine-tuning (srste) or pruning once
 
 # SparseDM (Paper B) fine-tuning settings.
 SPARSEDM_OPTIMIZER = {"lr": 2e-4, "weight_decay": 0.03, "betas": [0.99, 0.999]}
@@ -264,14 +265,15 @@ def finetune_config(
     """
     if method not in FINETUNE_METHODS:
         raise ConfigError(f"unknown finetune method {method!r}; choose one of {', '.join(FINETUNE_METHODS)}")
-    if method == "oneshot" and progressive:
+    trains = get_method(method).has_engine
+    if not trains and progressive:
         raise ConfigError("--progressive is for --method srste; oneshot prunes once, to --nm")
     overrides = copy.deepcopy(overrides or {})
     user_train = dict(overrides.get("train", {}))
     data = copy.deepcopy(source.config)
     base_desc = f"{source.kind} {source.path}"
 
-    if method == "oneshot":
+    if not trains:
         pattern = parse_nm(nm or "2:4")
         deep_update(
             data,
@@ -351,7 +353,8 @@ def _check_model(cfg: RunConfig, source: Source, run_dir: Path) -> torch.nn.Modu
 def _as_engine(cfg: RunConfig) -> dict[str, Any]:
     """``sparsify`` keywords for the run's engine: a one-shot run is masked like an SR-STE run to its
     pattern (one-shot pruning itself is no engine)."""
-    return {"method": "srste"} if cfg.sparse.method == "oneshot" else {}
+    method = cfg.sparse.sparse_method
+    return {} if method.has_engine else {"method": method.engine_method()}
 
 
 def _check_out(out: RunDir) -> None:
@@ -410,7 +413,7 @@ def finetune(
         run_dir=run.path,
     )
     model = _check_model(cfg, src, run.path)  # every check that can fail runs before anything is written
-    if method == "oneshot":
+    if not cfg.sparse.sparse_method.has_engine:
         if prepare_only:
             raise ConfigError("--prepare-only is for --method srste; oneshot does not train")
         return _oneshot(cfg, src, model, run)

@@ -428,8 +428,8 @@ def summarize(
 ) -> RunSummary:
     """The run's :class:`RunSummary` after ``step`` steps (``flops``: the model's forward FLOP report)."""
     cfg, t_cfg = tr.cfg, tr.cfg.train
-    # FLOPs of one optimiser step's batch; N:M fine-tuning trains dense weights, so it pays dense FLOPs
-    cost_method = "dense" if cfg.sparse.structured else cfg.sparse.method
+    # FLOPs of one optimiser step's batch, by the method's own rule (N:M fine-tuning pays dense FLOPs)
+    cost_method = cfg.sparse.method
     dense, sparse = flops.flops_dense * t_cfg.batch_size, flops.flops_sparse * t_cfg.batch_size
     teacher = dense if tr.teacher is not None else 0  # the teacher's forward
     per_step = training_flops_per_step(cost_method, dense, sparse, cfg.sparse.update_every)

@@ -17,7 +17,8 @@ HELP = "train a denoiser (dense or sparse from the first step)"
 def default_run_dir(cfg: RunConfig) -> Path:
     """``runs/<preset>-<method>[-s<sparsity>]-seed<seed>``: where a run goes without ``--out``."""
     s = cfg.sparse
-    tag = s.method if s.method in ("dense", "srste") else f"{s.method}-s{s.sparsity:g}"
+    # a method with a sparsity of its own choosing (dense: none, N:M: its pattern) is named alone
+    tag = s.method if not s.sparse_method.masked or s.structured else f"{s.method}-s{s.sparsity:g}"
     return Path("runs") / f"{cfg.name}-{tag}-seed{cfg.train.seed}"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..run import RunDir
+from ..sparse.methods import is_dense
 from .records import Group, mean_std, unique
 
 __all__ = ["plot_fid_vs_sparsity", "plot_fid_vs_train_flops", "plot_sample_grids"]
@@ -45,7 +46,7 @@ def _styles(groups: Sequence[Group]) -> dict[str, dict[str, Any]]:
 
     cmap = colormaps["tab10"]
     markers = "o^vDsP*X"
-    series = unique(g.series for g in groups if g.method != "dense")
+    series = unique(g.series for g in groups if not is_dense(g.method))
     out = {s: {"color": cmap(i % 10), "marker": markers[i % len(markers)]} for i, s in enumerate(series)}
     out["dense"] = {"color": "black", "marker": "s"}
     return out
@@ -55,14 +56,14 @@ def plot_fid_vs_sparsity(groups: Sequence[Group], metric: str, path: Path) -> Pa
     """FID (mean ± std over seeds) against sparsity, one line per method; dense as a horizontal band."""
     fig = _figure(6.4, 4.2)
     ax = fig.add_subplot(1, 1, 1)
-    sparse = [g for g in groups if g.method != "dense" and g.fids(metric)]
+    sparse = [g for g in groups if not is_dense(g.method) and g.fids(metric)]
     series = unique(g.series for g in sparse)
     styles = _styles(groups)
     levels = sorted(unique(g.sparsity for g in sparse))
     gap = min((b - a for a, b in zip(levels, levels[1:])), default=0.1)
     dodge = 0.04 * gap  # methods side by side at each sparsity, so that equal values stay visible
     for g in groups:
-        if g.method == "dense" and g.fids(metric):
+        if is_dense(g.method) and g.fids(metric):
             m, s = mean_std(g.fids(metric))
             ax.axhline(m, color="black", lw=1.2, label=f"dense (n={len(g.fids(metric))})")
             if s:
@@ -123,8 +124,8 @@ def plot_sample_grids(groups: Sequence[Group], path: Path) -> Path | None:
     """Each configuration's ``eval/grid.png`` side by side (lowest seed): rows sparsity, columns method."""
     from PIL import Image
 
-    dense = [g for g in groups if g.method == "dense"]
-    sparse = [g for g in groups if g.method != "dense"]
+    dense = [g for g in groups if is_dense(g.method)]
+    sparse = [g for g in groups if not is_dense(g.method)]
     series = unique(g.series for g in sparse)
     rows = ([("dense", None)] if dense else []) + [
         (f"sparsity {s:g}", s) for s in unique(g.sparsity for g in sparse)

@@ -18,9 +18,19 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..run import RunDir
-from ..sparse.spec import DYNAMIC_METHODS, NM_METHODS
+from ..sparse.methods import REGISTRY, SparseMethod, is_dense
 
-METHOD_ORDER = {"dense": 0, "static": 1, "rigl": 2, "magran": 3, "oneshot": 4, "srste": 5}
+# Reports list the unstructured methods first, then the N:M ones, a baseline without training (one-shot
+# pruning) before fine-tuning: dense, static, rigl, magran, oneshot, srste.
+METHOD_ORDER = {
+    name: i
+    for i, name in enumerate(sorted(REGISTRY, key=lambda n: (REGISTRY[n].structured, REGISTRY[n].has_engine)))
+}
+
+
+def method_of(name: str) -> SparseMethod | None:
+    """The registered method of a run (None for a name no method has: a hand-edited or foreign config)."""
+    return REGISTRY.get(name)
 
 
 def unique(values: Iterable[Any]) -> list[Any]:
@@ -80,7 +90,8 @@ class RunRecord:
     @property
     def series(self) -> str:
         """Label of the method (and prune ratio) this run belongs to: ``rigl p=0.05``."""
-        if self.method in NM_METHODS:
+        method = method_of(self.method)
+        if method is not None and method.structured:
             nm = self.config.get("sparse", {}).get("nm", "")
             return f"{self.method} {nm}".strip()
         return self.method if self.prune_ratio is None else f"{self.method} p={self.prune_ratio:g}"
@@ -186,18 +197,20 @@ def load_run(path: str | Path) -> RunRecord:
     sparse = config.get("sparse") or {}
     method = str(sparse.get("method") or (summary or {}).get("method") or "dense")
     # a one-shot N:M run (`finetune --method oneshot`) recorded before its config said so: the config
-    # says srste (the engine it prunes with), the summary oneshot
-    if (summary or {}).get("method") == "oneshot":
-        method = "oneshot"
+    # says srste (the engine it prunes with), the summary the method without an engine (oneshot)
+    recorded = method_of(str((summary or {}).get("method")))
+    if recorded is not None and recorded.structured and not recorded.has_engine:
+        method = recorded.name
     prune = None
-    if method == "dense":
+    info = method_of(method)
+    if is_dense(method):
         sparsity = 0.0
-    elif method in NM_METHODS:  # the sparsity of an N:M pattern: 1 - N/M
+    elif info is not None and info.structured:  # the sparsity of an N:M pattern: 1 - N/M
         n, m = (int(x) for x in _final_nm(sparse).split(":"))
         sparsity = 1.0 - n / m
     else:
         sparsity = float(sparse.get("sparsity", (summary or {}).get("sparsity", 0.0)))
-        if method in DYNAMIC_METHODS and "prune_ratio" in sparse:
+        if info is not None and info.dynamic and "prune_ratio" in sparse:
             prune = float(sparse["prune_ratio"])
     return RunRecord(
         path=run.path,
@@ -264,7 +277,7 @@ def group_runs(records: Sequence[RunRecord]) -> dict[str, list[Group]]:
     for groups in out.values():
         groups.sort(
             key=lambda g: (
-                g.method != "dense",
+                not is_dense(g.method),
                 g.sparsity,
                 METHOD_ORDER.get(g.method, 9),
                 g.method,

@@ -11,15 +11,13 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import Engine
-from .engine import SparseEngine
+from .methods import NM_FIELDS, get_method, method_names
 from .nm import parse_progressive
-from .nm_engine import NMSparseEngine
-from .schedule import UpdateSchedule, resolve_end_step
-from .spec import NM_METHODS, SPARSIFY_DEFAULTS, SparseSpec
+from .schedule import resolve_end_step
+from .spec import SPARSIFY_DEFAULTS, SparseSpec
 from .targets import as_list
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(SparseSpec))
-_NM_ONLY = ("nm", "srste_lambda", "progressive")
 
 
 def sparsify(
@@ -31,6 +29,7 @@ def sparsify(
     masks: str | Mapping[str, torch.Tensor] | None = None,
     accelerator: Any | None = None,
     ema: Any | None = None,
+    override_schedule: bool = False,
     **fields: Any,
 ) -> Engine:
     """Make ``model`` sparse from now on and return the engine that keeps it so.
@@ -64,10 +63,14 @@ def sparsify(
         ema: an EMA copy of the model (diffusers' ``EMAModel(model.parameters())``, torch's
             ``AveragedModel``, an ``nn.Module`` copy) to keep exactly as sparse as the model
             (:meth:`Engine.attach_ema`).
+        override_schedule: when the engine's state is loaded later (a resumed run), use the update
+            schedule given here instead of the saved one (by default the saved one is kept, and a
+            difference is reported with a warning).
         fields: :class:`SparseSpec` fields. ``include`` / ``exclude`` also take one comma-separated string.
-            ``nm``, ``srste_lambda`` and ``progressive`` given as keywords are refused for a method other
-            than ``srste``; ``nm`` and ``progressive`` are exclusive (a progressive schedule names its own
-            patterns; with a spec whose ``progressive`` is set, ``nm`` is not used).
+            The N:M settings (``nm``, ``srste_lambda``, ``progressive``, ``nm_incompatible``) given as
+            keywords are refused for an unstructured method; ``nm`` and ``progressive`` are exclusive (a
+            progressive schedule names its own patterns; with a spec whose ``progressive`` is set, ``nm``
+            is not used).
 
     Raises:
         ConfigError: a setting is invalid (the message names it), or ``method="oneshot"``, which is not
@@ -83,16 +86,16 @@ def sparsify(
         raise TypeError(f"sparsify() takes a SparseSpec as its spec, got {type(spec).__name__}")
     given = {k: v for k, v in fields.items() if v is not None}
     base = SPARSIFY_DEFAULTS if spec is None else spec
-    method = given.get("method", base.method)
-    if method == "oneshot":
+    method = get_method(given.get("method", base.method))
+    if not method.has_engine:
         raise ConfigError(
-            "method 'oneshot' prunes once without training, so it has no engine: call "
+            f"method {method.name!r} prunes once without training, so it has no engine: call "
             "sparsediff.sparse.one_shot_nm(model, n, m) or run `sparsediff finetune --method oneshot`"
         )
     for key in ("include", "exclude"):
         if key in given:
             given[key] = as_list(given[key])
-    if method in NM_METHODS:
+    if method.structured:
         if "nm" in given and "progressive" in given:
             raise ConfigError("give either nm (a fixed N:M pattern) or progressive (a schedule), not both")
         if "progressive" in given:
@@ -101,28 +104,34 @@ def sparsify(
         elif "nm" in given:
             given["progressive"] = []  # a fixed pattern given now replaces the spec's schedule
     else:
-        extra = [k for k in _NM_ONLY if k in given]
+        extra = [k for k in NM_FIELDS if k in given]
         if extra:
-            raise ConfigError(
-                f"nm, srste_lambda and progressive apply to method='srste' only, not {method!r}"
-            )
-    resolved = base.replace(**given)
-    resolved.validate(None, need_sparsity=False)
-    if resolved.structured:
+            trainers = " / ".join(repr(m) for m in method_names(structured=True, has_engine=True))
+            raise ConfigError(f"{', '.join(extra)} apply to method={trainers} only, not {method.name!r}")
+    resolved = resolve_spec(base.replace(**given), total_steps)
+    engine_cls = method.engine_class()
+    if method.structured:
         if masks is not None:
-            raise ConfigError(
-                "masks= is for static, rigl and magran: N:M masks follow the weights themselves"
-            )
-        return _integrate(NMSparseEngine(model, optimizer, resolved), accelerator, ema)
-    if resolved.method == "dense":
-        resolved.sparsity = 0.0
-    if resolved.dynamic:
-        resolved.end_step = resolve_end_step(resolved.end_step, total_steps, resolved.end_fraction)
-        # the schedule's own checks (cosine decay needs an end), with the user's values
-        UpdateSchedule(resolved.prune_ratio, resolved.update_every, resolved.end_step, resolved.decay)
+            raise ConfigError("masks= is for unstructured methods: N:M masks follow the weights themselves")
+        engine = engine_cls(model, optimizer, resolved)
     else:
-        resolved.end_step = None
-    return _integrate(SparseEngine(model, optimizer, resolved, masks=masks), accelerator, ema)
+        engine = engine_cls(model, optimizer, resolved, masks=masks)
+    engine.override_schedule = bool(override_schedule)
+    return _integrate(engine, accelerator, ema)
+
+
+def resolve_spec(spec: SparseSpec, total_steps: int | None) -> SparseSpec:
+    """``spec`` validated once, with what an engine needs settled: the last update step of a dynamic
+    method (from ``end_step`` or ``end_fraction * total_steps``; None for never or no updates), and
+    sparsity 0 for a method without masks."""
+    spec.validate(None, need_sparsity=False)
+    method = spec.sparse_method
+    if not method.masked:
+        spec.sparsity = 0.0
+    spec.end_step = (
+        resolve_end_step(spec.end_step, total_steps, spec.end_fraction) if method.dynamic else None
+    )
+    return spec
 
 
 def _integrate(engine: Engine, accelerator: Any | None, ema: Any | None) -> Engine:

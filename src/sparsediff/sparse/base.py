@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -28,6 +29,7 @@ from torch import nn
 
 from ..errors import ConfigError, StateError
 from .integrations import EMATargets, hook_accelerator
+from .methods import SCHEDULE_FIELDS, get_method, method_names
 from .spec import SparseSpec
 from .targets import select_targets, unwrap_model
 
@@ -114,15 +116,6 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return opt
 
 
-def dist_world() -> tuple[bool, int, int]:
-    """``(distributed, rank, world size)``: distributed only with an initialised group of >= 2 processes."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return True, dist.get_rank(), dist.get_world_size()
-    return False, 0, 1
-
-
 # ---------------------------------------------------------------------------------------------- contract
 
 
@@ -131,6 +124,7 @@ class Engine(abc.ABC):
 
     Build one with :func:`sparsediff.sparsify`. Attributes every engine has:
         spec: the :class:`SparseSpec` it was built from (resolved: ``end_step`` is a step or None).
+        method: the :class:`~sparsediff.sparse.methods.SparseMethod` of ``spec.method``.
         model: the user's module (DDP / ``torch.compile`` wrappers looked through).
         optimizer: the innermost ``torch.optim.Optimizer``, or None for an inspection-only engine.
         names: target parameter names carrying a mask, in model order.
@@ -139,7 +133,7 @@ class Engine(abc.ABC):
         stats: running counters (``idle_calls``: ``step()`` calls without an optimiser step before them).
     """
 
-    METHODS: ClassVar[tuple[str, ...]]  # the methods this engine implements
+    FAMILY: ClassVar[str]  # the family of methods this engine implements ("unstructured", "nm")
     STATE_FORMAT: ClassVar[str]  # the format marker of state_dict()
     STATE_LABEL: ClassVar[str] = "engine"  # how error messages name this engine's state
     STATE_KEYS: ClassVar[tuple[str, ...]] = ("method",)  # spec fields a loaded state must agree on
@@ -148,12 +142,14 @@ class Engine(abc.ABC):
     MASKS_EMA_UPDATES: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, optimizer: Any | None, spec: SparseSpec):
-        if spec.method not in self.METHODS:
+        # The spec comes validated and resolved from sparsify(); the method must be one of this engine's.
+        self.method = get_method(spec.method)
+        if self.method.family != self.FAMILY or not self.method.has_engine:
+            mine = method_names(structured=self.FAMILY == "nm", has_engine=True)
             raise ConfigError(
-                f"{type(self).__name__} implements method {' / '.join(self.METHODS)}, not {spec.method!r}; "
+                f"{type(self).__name__} implements method {' / '.join(mine)}, not {spec.method!r}; "
                 "build engines with sparsediff.sparsify()"
             )
-        spec.validate(None, need_sparsity=False)
         self.spec = spec.for_engine()
         self.model = unwrap_model(model)
         self.optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
@@ -167,6 +163,16 @@ class Engine(abc.ABC):
         self._hooks: list[Any] = []
         self._emas: list[tuple[EMATargets, Callable[[], None]]] = []  # attached EMA copies, their undo
         self._cleanups: list[Callable[[], None]] = []  # run by remove()
+        # Resuming: the saved update schedule wins unless this is True (sparsify(..., override_schedule=)).
+        self.override_schedule = False
+        self.schedule_changes: dict[str, tuple[Any, Any]] = {}  # field -> (saved, given) at the last load
+        if self.optimizer is not None:
+            self._hooks.append(self.optimizer.register_step_post_hook(self._count_step))
+
+    def _count_step(self, optimizer, args, kwargs) -> None:
+        # Counted by the optimiser itself: step() compares it with its own count to see whether the
+        # optimiser really stepped (a skipped mixed-precision step runs no hook).
+        self._opt_steps += 1
 
     def _select_targets(self) -> list[tuple[str, nn.Parameter]]:
         return select_targets(self.model, self.spec.include or None, self.spec.exclude or None)
@@ -314,8 +320,18 @@ class Engine(abc.ABC):
     def _state_extra(self) -> dict[str, Any]:
         """What this engine adds to :meth:`state_dict`."""
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], *, override_schedule: bool | None = None) -> None:
         """Restore what :meth:`state_dict` saved.
+
+        The update schedule (prune ratio, decay, update interval, last update step, growth seed) is the
+        saved one: a resumed run goes on exactly as it started, even when this engine was built with other
+        settings (a longer ``total_steps`` moves ``end_step``). Any difference is reported once, with a
+        ``UserWarning`` naming the fields and both values, and kept in :attr:`schedule_changes`.
+
+        Args:
+            state: what :meth:`state_dict` returned.
+            override_schedule: use this engine's schedule instead of the saved one (default:
+                :attr:`override_schedule`, which ``sparsify(..., override_schedule=True)`` sets).
 
         Raises:
             StateError: the state comes from another kind of engine, from one with other settings, or
@@ -338,9 +354,49 @@ class Engine(abc.ABC):
         step = state.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise StateError(f"{label} state has an invalid step {step!r}")
+        changes = self._schedule_differences(saved)
         self._restore(state, step)
         self.step_count = self._opt_steps = step
         self.num_updates = int(state.get("num_updates", 0))
+        override = self.override_schedule if override_schedule is None else override_schedule
+        self._resume_schedule(saved, changes, override)
+
+    def _schedule_differences(self, saved: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Schedule field -> (saved value, this engine's value) where they differ (dynamic methods)."""
+        if not self.method.dynamic:
+            return {}
+        return {
+            k: (saved[k], getattr(self.spec, k))
+            for k in SCHEDULE_FIELDS
+            if k in saved and saved[k] != getattr(self.spec, k)
+        }
+
+    def _resume_schedule(self, saved: Mapping[str, Any], changes: dict[str, tuple[Any, Any]], override: bool):
+        self.schedule_changes = dict(changes)
+        if not changes:
+            return
+        listed = ", ".join(f"{k} {a!r} (saved) vs {b!r} (now)" for k, (a, b) in changes.items())
+        if override:
+            message = (
+                f"{self.STATE_LABEL} state: the update schedule given now replaces the saved one: {listed}"
+            )
+        else:
+            kept = {k: saved[k] for k in changes}
+            if "end_fraction" in saved:
+                kept["end_fraction"] = saved["end_fraction"]
+            self.spec = self.spec.replace(**kept)
+            try:
+                self._schedule_changed()
+            except ConfigError as e:
+                raise StateError(f"{self.STATE_LABEL} state has an invalid update schedule: {e}") from e
+            message = (
+                f"{self.STATE_LABEL} state: the saved update schedule is kept, not the one given now: {listed}; "
+                "pass override_schedule=True (sparsify or load_state_dict) to use the new one"
+            )
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+    def _schedule_changed(self) -> None:  # noqa: B027 (optional hook: engines with a drop/grow schedule)
+        """Rebuild what depends on the schedule fields of :attr:`spec` (they were restored from a state)."""
 
     def _check_state(self, state: Mapping[str, Any]) -> None:  # noqa: B027 (optional hook)
         """Engine-specific checks of a state before anything is restored."""
@@ -437,12 +493,9 @@ class Engine(abc.ABC):
             targets = EMATargets(ema, dict(self.named_parameters()), self.model, parameters)
         self._mask_ema_tensors(targets.tensors())
 
-    @torch.no_grad()
+    @abc.abstractmethod
     def _mask_ema_tensors(self, tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
         """Zero the masked positions of EMA tensors (``(target name, tensor)``), in place."""
-        masks = self.masks
-        for name, t in tensors:
-            t.masked_fill_(masks[name].to(t.device).logical_not(), 0)
 
     def remove(self) -> None:
         """Detach the engine's hooks, its EMA copies and its accelerator clipping."""

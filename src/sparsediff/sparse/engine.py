@@ -16,88 +16,47 @@ How the invariants are kept, for any ``torch.optim`` optimiser (and wrappers suc
   so inactive weights get no update and no optimiser state; on a step that ends in a RigL update it first
   keeps ``|grad|``, the dense gradient the grow criterion needs;
 - a step *post*-hook multiplies the weights by their masks (so weight decay, momentum or any other
-  optimiser rule can never revive a masked weight) and counts the optimiser step;
+  optimiser rule can never revive a masked weight);
 - ``step()`` sees whether the optimiser really stepped since the last call: a mixed-precision step whose
   gradients overflowed is skipped by the scaler, the hooks never run, and no topology update happens;
-- a topology update drops the ``k`` active weights of smallest magnitude and grows ``k`` among the
-  positions not kept (largest dense gradient for RigL, uniform at random for MagRan), so kept and grown
-  sets are disjoint and each layer keeps exactly its budget. Weights that were inactive and are grown
-  start at exactly 0 and every optimiser state tensor with the weight's shape is zeroed there (and at
-  every inactive position), without a list of optimiser types;
+- a topology update (:mod:`~sparsediff.sparse.topology`) drops the ``k`` active weights of smallest
+  magnitude and grows ``k`` among the positions not kept, scored by the method
+  (:mod:`~sparsediff.sparse.methods`), so each layer keeps exactly its budget. Weights that were inactive
+  and are grown start at exactly 0 and every optimiser state tensor with the weight's shape is zeroed there
+  (:mod:`~sparsediff.sparse.optim_state`);
 - random choices (initial masks, MagRan growth) use generators seeded from ``(seed, layer name, step)``,
   so every data-parallel rank makes the same choice and resumption needs no generator state; the masks
-  are still broadcast from rank 0 after every update, and a disagreement is counted in ``stats``;
+  are still broadcast from rank 0 after every update (:mod:`~sparsediff.sparse.sync`);
 - masks follow their weights: when a weight moves to another device or dtype (``accelerator.prepare``
   after ``sparsify``, ``model.half()``), its mask moves with it in the next hook. A model on the meta
   device gets its masks (made on the CPU, the same as anywhere) once :meth:`SparseEngine.apply_masks` is
   called after its weights are loaded;
-- nothing trained is zeroed silently. The post-hook records each weight's version counter; when the
-  pre-hook finds one changed by something else (a checkpoint loaded into the model without the engine's
-  state, whose masks and step count then are those of a fresh engine), it checks that weight and
-  refuses the step with a :class:`StateError` if it is non-zero where the mask prunes. The hot path
-  gains one loop over the weights comparing integers and devices (microseconds per step); the check
-  itself runs only on changed weights. ``sparsify`` likewise refuses to put new random masks on weights
-  that are already sparse (a sparse checkpoint loaded before it) when that would zero some of them.
+- nothing trained is zeroed silently (:mod:`~sparsediff.sparse.guard`): weights changed by something else
+  than the engine (a checkpoint loaded without the engine's state) are checked before a step, and
+  ``sparsify`` refuses new random masks on weights that are sparse already.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, StateError
-from .base import Engine, derive_seed, dist_world
+from .base import Engine, derive_seed
 from .distribution import layer_budgets, layer_densities
+from .guard import WeightGuard, refuse_pruned_writes, refuse_sparse_weights
 from .masks import check_given_masks, masks_from_weights, random_mask
+from .optim_state import zero_state_where
 from .schedule import UpdateSchedule
-from .spec import UNSTRUCTURED_METHODS, SparseSpec
+from .spec import SparseSpec
+from .sync import broadcast_masks
+from .topology import UpdateStats, drop_and_grow, drop_count
 
-
-@dataclass
-class UpdateStats:
-    """What the last topology update did (summed over layers)."""
-
-    step: int = 0
-    drop_fraction: float = 0.0
-    dropped: int = 0  # active weights removed by magnitude
-    grown: int = 0  # positions chosen by the grow criterion (== dropped)
-    regrown: int = 0  # grown positions that were active before the update (keep their value)
-    new: int = 0  # grown positions that were inactive before: start at 0 with zeroed state
-    per_layer: dict[str, int] = field(default_factory=dict)  # layer -> new connections
-
-
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
-
-
-def _largest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries of a 1-D tensor (exact).
-
-    ``topk`` over a multi-million-entry tensor is the slowest part of an update on the CPU. For large
-    tensors a threshold is first read off a strided sample, set low enough that usually a little more than
-    k entries pass it; whenever at least k pass, they contain a true top k, and ``topk`` runs on them only.
-    Otherwise it falls back to ``topk`` over everything. Deterministic: no randomness is involved.
-    """
-    n = scores.numel()
-    if n < 1_000_000 or k > n // 4:
-        return torch.topk(scores, k, sorted=False).indices
-    sample = scores[:: max(1, n // 65_536)]
-    m = sample.numel()
-    share = k / n
-    # ask the sample for ~1.3x the wanted share plus four binomial standard deviations
-    j = min(m, math.ceil(m * share * 1.3 + 4.0 * math.sqrt(m * share) + 1))
-    threshold = torch.topk(sample, j, sorted=False).values.min()
-    candidates = (scores >= threshold).nonzero().squeeze(1)
-    if candidates.numel() < k:
-        return torch.topk(scores, k, sorted=False).indices
-    return candidates[torch.topk(scores[candidates], k, sorted=False).indices]
+__all__ = ["SparseEngine", "UpdateStats"]
 
 
 class SparseEngine(Engine):
@@ -109,7 +68,7 @@ class SparseEngine(Engine):
         stats: also ``sync_mismatch``: mask entries rank 0 had to correct on another rank.
     """
 
-    METHODS: ClassVar[tuple[str, ...]] = UNSTRUCTURED_METHODS
+    FAMILY: ClassVar[str] = "unstructured"
     STATE_FORMAT: ClassVar[str] = "sparsediff.sparse/1"
     STATE_LABEL: ClassVar[str] = "engine"
     STATE_KEYS: ClassVar[tuple[str, ...]] = ("method", "sparsity", "distribution")
@@ -126,14 +85,10 @@ class SparseEngine(Engine):
         self.names = [n for n, _ in targets]
         self._params = dict(targets)
         self._shapes = {n: tuple(p.shape) for n, p in targets}
-        sparsity = 0.0 if spec.method == "dense" else spec.sparsity
+        sparsity = spec.sparsity if self.method.masked else 0.0
         self._densities = layer_densities(self._shapes, sparsity, spec.distribution, spec.erk_power)
         self._budgets = layer_budgets(self._shapes, self._densities, sparsity)
-        self.schedule = (
-            UpdateSchedule(spec.prune_ratio, spec.update_every, spec.end_step, spec.decay)
-            if spec.dynamic
-            else None
-        )
+        self.schedule = self._make_schedule()
         self.last_update = UpdateStats()
         self.stats["sync_mismatch"] = 0
         self._grads_masked = False
@@ -152,15 +107,19 @@ class SparseEngine(Engine):
             device = torch.device("cpu") if p.is_meta else p.device  # a meta mask would hold no values
             self._masks[name] = mask.to(device=device, dtype=p.dtype)
         self._sync_masks(self._masks)
-        self._versions: list[int] | None = None  # weight versions after the engine's last write
+        self._guard = WeightGuard(self._params, self.names)
         self._pending = any(p.is_meta for p in self._params.values())  # masks not applied yet
         if not self._pending:
             self._apply_initial_masks()
-        if self.optimizer is not None and spec.method != "dense":
+        if self.optimizer is not None and self.method.masked:
             self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step_hook))
             self._hooks.append(self.optimizer.register_step_post_hook(self._post_step_hook))
-        elif self.optimizer is not None:  # dense: nothing to mask, only the steps to count
-            self._hooks.append(self.optimizer.register_step_post_hook(self._count_step_hook))
+
+    def _make_schedule(self) -> UpdateSchedule | None:
+        s = self.spec
+        if not self.method.dynamic:
+            return None
+        return UpdateSchedule(s.prune_ratio, s.update_every, s.end_step, s.decay)
 
     # ------------------------------------------------------------------ masks
 
@@ -169,8 +128,8 @@ class SparseEngine(Engine):
 
     def _given_masks(self, masks: str | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Initial masks from ``sparsify(..., masks=...)`` (bool, on the CPU), checked against the budgets."""
-        if self.spec.method == "dense":
-            raise ConfigError("masks= applies to static, rigl and magran; method 'dense' has no masks")
+        if not self.method.masked:
+            raise ConfigError(f"masks= applies to masked methods; method {self.method.name!r} has no masks")
         settings = f"sparsity={self.spec.sparsity} with distribution={self.spec.distribution!r}"
         if isinstance(masks, Mapping):
             return check_given_masks(masks, self._shapes, self.budgets, settings)
@@ -185,46 +144,16 @@ class SparseEngine(Engine):
                 self._refuse_meta(name)
         self._follow_devices()
         if self._fresh:
-            self._refuse_sparse_weights()
+            refuse_sparse_weights(self._params, self._masks, self.budgets, self.names)
         for name in self.names:
             p, m = self._params[name], self._masks[name]
             p.mul_(m)
             if self.spec.rescale_init and self._fresh:
                 # Keep the output variance of the dense initialisation despite the smaller fan-in.
                 p.div_(math.sqrt(max(self.budgets[name] / p.numel(), 1e-12)))
-            self._zero_optimizer_state(p, m.bool())
+            zero_state_where(self.optimizer, p, m.bool())
         self._pending = False
-        self._record_versions()
-
-    def _refuse_sparse_weights(self) -> None:
-        """Refuse new random masks that would zero weights which already look sparse-trained.
-
-        A layer with at least as many exact zeros as its mask prunes (random or pretrained dense weights
-        have next to none) is sparse already, as when a sparse run's checkpoint was loaded before
-        ``sparsify``; putting other masks on it would destroy trained weights.
-        """
-        bad = []
-        for name in self.names:
-            p, numel, budget = self._params[name].detach(), self._params[name].numel(), self.budgets[name]
-            zeros = numel - int(p.count_nonzero())
-            if budget >= numel or zeros < numel - budget:
-                continue
-            lost = int(p.ne(0).logical_and_(self._masks[name].eq(0)).count_nonzero())
-            if lost:
-                bad.append((name, zeros, lost))
-        if bad:
-            name, zeros, lost = bad[0]
-            more = f" (and {len(bad) - 1} more layer(s))" if len(bad) > 1 else ""
-            raise StateError(
-                f"sparsify() would zero trained weights: layer {name!r} already has {zeros} of "
-                f"{self._params[name].numel()} weights at exactly 0, as a sparse run's weights have, and new "
-                f"random masks would zero {lost} of its non-zero weights{more}. To resume a sparse run, "
-                "restore the engine's state instead of making new masks: sparsify() before loading, then "
-                "accelerator.load_state() with the engine registered (sparsify(..., accelerator=acc)), "
-                "engine.load_state_dict(state) or sparsediff.sparse.load_engine_state(engine, path). To keep "
-                "the sparsity these weights have, pass masks='weights'. To prune them with new random masks "
-                "on purpose, load them after sparsify() and call engine.apply_masks()."
-            )
+        self._guard.record()
 
     # ------------------------------------------------------------------ following the weights
 
@@ -248,9 +177,6 @@ class SparseEngine(Engine):
             "to_empty()) and load its weights, or sparsify it after its weights are loaded"
         )
 
-    def _record_versions(self) -> None:
-        self._versions = [self._params[n]._version for n in self.names]
-
     def _check_weights(self) -> None:
         """The pre-step check: masks on their weights' devices, weights changed behind the engine refused.
 
@@ -262,42 +188,17 @@ class SparseEngine(Engine):
                 "the engine was built while the model was on the meta device and its masks are not applied "
                 "yet: call engine.apply_masks() once the weights are loaded (before the first step)"
             )
-        versions = self._versions
-        changed = []
-        for i, name in enumerate(self.names):
+        changed = set(self._guard.changed())
+        for name in self.names:
             p, m = self._params[name], self._masks[name]
             if m.device != p.device or m.dtype != p.dtype:
                 if p.is_meta:
                     self._refuse_meta(name)
                 self._move_mask(name)
-                changed.append(name)
-            elif versions is None or p._version != versions[i]:
-                changed.append(name)
+                changed.add(name)
         if changed:
-            self._refuse_changed_weights(changed)
-            self._record_versions()
-
-    @torch.no_grad()
-    def _refuse_changed_weights(self, names: list[str]) -> None:
-        found = []
-        for name in names:
-            p, m = self._params[name].detach(), self._masks[name]
-            count = int(p.ne(0).logical_and_(m.eq(0)).count_nonzero())
-            if count:
-                found.append((name, count))
-        if found:
-            name, count = found[0]
-            total = sum(c for _, c in found)
-            raise StateError(
-                f"layer {name!r} has {count} non-zero weights at positions its mask prunes ({total} in "
-                f"{len(found)} layer(s)): the weights were changed outside the engine, as when a checkpoint "
-                "is loaded into the model without the engine's state (masks, step count, update schedule). "
-                "This optimiser step would zero them, so it was refused. To resume, restore the engine "
-                "with the weights: sparsify(..., accelerator=accelerator) (or "
-                "accelerator.register_for_checkpointing(engine)) before accelerator.load_state(), or "
-                "engine.load_state_dict(state) / sparsediff.sparse.load_engine_state(engine, path). To prune "
-                "the new weights with the current masks on purpose, call engine.apply_masks() first."
-            )
+            refuse_pruned_writes(self._params, self._masks, [n for n in self.names if n in changed])
+            self._guard.record()
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -340,7 +241,7 @@ class SparseEngine(Engine):
             return
         self._follow_devices()
         self._mask_weights()
-        self._record_versions()
+        self._guard.record()
 
     @torch.no_grad()
     def _mask_weights(self) -> None:
@@ -352,21 +253,22 @@ class SparseEngine(Engine):
         """Zero the gradients of masked weights. Idempotent within a step.
 
         The pre-step hook calls it; call it yourself before gradient clipping so the clip norm is the
-        norm of the sparse gradient. On a step that ends in a RigL update it first keeps ``|grad|``.
+        norm of the sparse gradient. On a step that ends in a RigL update it first keeps a copy of the
+        dense gradient.
         """
-        if self._grads_masked or self.spec.method == "dense":
+        if self._grads_masked or not self.method.masked:
             return
         self._check_weights()
         names = [n for n in self.names if self._params[n].grad is not None]
         if self._needs_dense_grads():
-            self._dense_grads = {n: self._params[n].grad.detach().abs() for n in names}
+            self._dense_grads = {n: self._params[n].grad.detach().clone() for n in names}
         if names:
             torch._foreach_mul_([self._params[n].grad for n in names], [self._masks[n] for n in names])
         self._grads_masked = True
 
     def _needs_dense_grads(self) -> bool:
         return (
-            self.spec.method == "rigl"
+            self.method.needs_dense_grads
             and self.schedule is not None
             and self.schedule.is_update_step(self._opt_steps + 1)
         )
@@ -376,12 +278,8 @@ class SparseEngine(Engine):
 
     def _post_step_hook(self, optimizer, args, kwargs) -> None:
         self._mask_weights()
-        self._opt_steps += 1
         self._grads_masked = False
-        self._record_versions()
-
-    def _count_step_hook(self, optimizer, args, kwargs) -> None:
-        self._opt_steps += 1
+        self._guard.record()
 
     # ------------------------------------------------------------------ stepping
 
@@ -397,6 +295,18 @@ class SparseEngine(Engine):
         if idle:
             self._grads_masked = False
 
+    def _grow_score(self, name: str, p: torch.Tensor, step: int) -> torch.Tensor:
+        grad = None
+        if self.method.needs_dense_grads:
+            if self._dense_grads is None or name not in self._dense_grads:
+                raise RuntimeError(
+                    f"{self.method.name} update at step {step} has no dense gradient for {name!r}: call "
+                    "engine.step() right after optimizer.step(), with gradients from this step's backward pass"
+                )
+            grad = self._dense_grads[name]
+        seed = derive_seed(self.spec.seed, name, "grow", step)
+        return self.method.grow_score(p.numel(), grad, seed, p.device)
+
     @torch.no_grad()
     def _update_topology(self, step: int) -> bool:
         fraction = self.schedule.drop_fraction(step)
@@ -406,22 +316,17 @@ class SparseEngine(Engine):
         for name in self.names:
             p, active = self._params[name], old[name]
             budget = self.budgets[name]
-            k = math.floor(fraction * budget)
+            k = drop_count(fraction, budget)
             if budget >= p.numel() or k == 0:
                 new[name] = active
                 continue
-            if self.spec.method == "rigl":
-                if self._dense_grads is None or name not in self._dense_grads:
-                    raise RuntimeError(
-                        f"RigL update at step {step} has no dense gradient for {name!r}: call engine.step() "
-                        "right after optimizer.step(), with gradients from this step's backward pass"
-                    )
-                grow_score = self._dense_grads[name]
-            else:
-                grow_score = None
-            new[name] = self._drop_and_grow(name, p, active, k, step, grow_score)
+            idx = active.reshape(-1).nonzero().squeeze(1)
+            magnitude = p.detach().reshape(-1)[idx].abs()
+            new[name] = drop_and_grow(idx, magnitude, self._grow_score(name, p, step), k).view(p.shape)
             stats.dropped += k
             stats.grown += k
+        if stats.dropped == 0:  # no layer large enough to move a weight: no update happened
+            return False
         resynced = self._sync_masks(new)
         for name in self.names:
             before, after = old[name], new[name]
@@ -435,82 +340,23 @@ class SparseEngine(Engine):
             mask.copy_(after)
             survive = both.to(p.dtype)  # 1 where value and state carry over (float: fast multiplies)
             p.mul_(survive)
-            self._zero_optimizer_state(p, survive)
+            zero_state_where(self.optimizer, p, survive)
         stats.regrown = stats.grown - stats.new
         self._bool_cache = None
-        self._record_versions()
+        self._guard.record()
         self.num_updates += 1
         self.last_update = stats
         return stats.new > 0
 
-    def _drop_and_grow(
-        self,
-        name: str,
-        p: torch.Tensor,
-        active: torch.Tensor,
-        k: int,
-        step: int,
-        grad_abs: torch.Tensor | None,
-    ) -> torch.Tensor:
-        flat_active = active.reshape(-1)
-        # Drop: the k active weights of smallest magnitude (scored on the active entries only).
-        active_idx = flat_active.nonzero().squeeze(1)
-        magnitude = p.detach().reshape(-1)[active_idx].abs().float()
-        kept = flat_active.clone()
-        kept[active_idx[_largest_k(magnitude.neg_(), k)]] = False
-        # Grow: k positions among those not kept (a just-dropped one may come back with its value).
-        if grad_abs is not None:
-            grow_score = torch.nan_to_num(grad_abs.reshape(-1).float(), nan=0.0, posinf=0.0)
-        else:
-            g = _generator(p.device, derive_seed(self.spec.seed, name, "grow", step))
-            grow_score = torch.rand(p.numel(), generator=g, device=p.device)
-        grow_score.masked_fill_(kept, -math.inf)
-        new = kept
-        new[_largest_k(grow_score, k)] = True
-        return new.view(p.shape)
-
-    def _zero_optimizer_state(self, p: torch.Tensor, keep: torch.Tensor) -> None:
-        """Zero every optimiser state tensor shaped like ``p`` wherever ``keep`` (0/1 or bool) is 0."""
-        if self.optimizer is None:
-            return
-        state = self.optimizer.state.get(p)
-        if not state:
-            return
-        for value in state.values():
-            if torch.is_tensor(value) and value.shape == p.shape:
-                if value.is_floating_point() and keep.is_floating_point() and value.dtype == keep.dtype:
-                    value.mul_(keep)
-                else:
-                    value.masked_fill_(keep.to(device=value.device, dtype=torch.bool).logical_not(), 0)
-
     def _sync_masks(self, masks: dict[str, torch.Tensor]) -> int:
         """Make every data-parallel rank use rank 0's masks (in place); returns the entries corrected."""
-        distributed, _, _ = dist_world()
-        if not distributed:
-            return 0
-        import torch.distributed as dist
-
-        names = self.names
-        device = torch.device("cpu")
-        if dist.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        local = torch.cat([masks[n].reshape(-1).to(device=device, dtype=torch.uint8) for n in names])
-        received = local.clone()
-        dist.broadcast(received, src=0)
-        mismatch = int((received != local).sum())
+        mismatch = broadcast_masks(masks, self.names)
         self.stats["sync_mismatch"] += mismatch
-        if mismatch:
-            offset = 0
-            for n in names:
-                numel = masks[n].numel()
-                chunk = received[offset : offset + numel].view(masks[n].shape)
-                masks[n].copy_(chunk.to(device=masks[n].device, dtype=masks[n].dtype))
-                offset += numel
         return mismatch
 
     @torch.no_grad()
     def _mask_ema_tensors(self, tensors) -> None:
-        if self.spec.method == "dense":
+        if not self.method.masked:
             return
         self._follow_devices()
         pairs = [(t, self._masks[n]) for n, t in tensors]
@@ -547,6 +393,9 @@ class SparseEngine(Engine):
     def _saved_shapes(self, state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         return {n: tuple(m.shape) for n, m in state.get("masks", {}).items()}
 
+    def _schedule_changed(self) -> None:
+        self.schedule = self._make_schedule()
+
     @torch.no_grad()
     def _restore(self, state: Mapping[str, Any], step: int) -> None:
         masks = state["masks"]
@@ -562,7 +411,7 @@ class SparseEngine(Engine):
         self._bool_cache = None
         self._dense_grads = None
         self._grads_masked = False
-        self._versions = None  # the next step checks every weight against the restored masks
+        self._guard.forget()  # the next step checks every weight against the restored masks
         self._fresh = False  # restored masks: a pending apply_masks() neither checks nor rescales
 
     def __repr__(self) -> str:

@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 from .base import Engine
+from .methods import REGISTRY
 from .targets import unwrap_model
 
 aten = torch.ops.aten
@@ -227,16 +228,13 @@ def training_flops_per_step(
 ) -> float:
     """Training FLOPs of one optimiser step while topology updates happen (RigL accounting).
 
-    ``flops_dense`` / ``flops_sparse`` are forward FLOPs for one step's batch.
+    ``flops_dense`` / ``flops_sparse`` are forward FLOPs for one step's batch; each method gives its own rule
+    (:meth:`~sparsediff.sparse.methods.SparseMethod.training_flops`).
     """
-    if method == "dense":
-        return 3.0 * flops_dense
-    if method in ("static", "magran"):
-        return 3.0 * flops_sparse
-    if method == "rigl":
-        dt = update_every
-        return (3.0 * flops_sparse * dt + 2.0 * flops_sparse + flops_dense) / (dt + 1)
-    raise ValueError(f"no training-FLOP rule for method {method!r}")
+    m = REGISTRY.get(method)
+    if m is None or not m.has_engine:
+        raise ValueError(f"no training-FLOP rule for method {method!r}")
+    return m.training_flops(flops_dense, flops_sparse, update_every)
 
 
 def training_flops_total(
@@ -247,13 +245,13 @@ def training_flops_total(
     update_every: int = 100,
     end_step: int | None = None,
 ) -> float:
-    """Training FLOPs of a whole run: RigL pays for dense gradients only until ``end_step``."""
-    if method != "rigl":
-        return training_flops_per_step(method, flops_dense, flops_sparse, update_every) * total_steps
+    """Training FLOPs of a whole run: a method that reads dense gradients on update steps (RigL) pays for
+    them only until ``end_step``."""
+    per_step = training_flops_per_step(method, flops_dense, flops_sparse, update_every)
+    if not REGISTRY[method].needs_dense_grads:
+        return per_step * total_steps
     end = total_steps if end_step is None else min(end_step, total_steps)
-    during = training_flops_per_step("rigl", flops_dense, flops_sparse, update_every) * end
-    after = 3.0 * flops_sparse * (total_steps - end)
-    return during + after
+    return per_step * end + 3.0 * flops_sparse * (total_steps - end)
 
 
 def format_flops(x: float) -> str:

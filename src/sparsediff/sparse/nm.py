@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -35,15 +36,29 @@ INCOMPATIBLE_POLICIES = ("dense", "error")
 DEFAULT_SRSTE_LAMBDA = 2e-4  # Paper B
 DEFAULT_NM = "2:4"
 
-# Names of the hook functions an N:M engine registers: how a module that carries them (also in a deepcopy
-# of the model, whose hooks are the same functions) is recognised.
-HOOK_NAMES = frozenset({"nm_pre_hook", "nm_post_hook", "nm_root_pre_hook", "nm_root_post_hook"})
+# The hook functions N:M engines have registered, held by reference: a module carries an N:M engine's
+# hooks when one of these very functions is among its hooks (also in a deepcopy of the model, whose hooks
+# are the same function objects). Weak: a function leaves the set once no module holds it any more.
+_NM_HOOKS: weakref.WeakSet = weakref.WeakSet()
+
+
+def nm_hook(fn):
+    """Mark ``fn`` as an N:M engine's hook (the engine registers every forward hook through this)."""
+    _NM_HOOKS.add(fn)
+    return fn
+
+
+def _is_nm_hook(hook: object) -> bool:
+    try:
+        return hook in _NM_HOOKS
+    except TypeError:  # not weak-referenceable (a functools.partial...): not one of ours
+        return False
 
 
 def has_nm_hooks(module: nn.Module) -> bool:
     """Whether ``module`` itself carries an N:M engine's forward hooks."""
     hooks = (*module._forward_pre_hooks.values(), *module._forward_hooks.values())
-    return any(getattr(h, "__name__", "") in HOOK_NAMES for h in hooks)
+    return any(_is_nm_hook(h) for h in hooks)
 
 
 def remove_nm_hooks(model: nn.Module) -> int:
@@ -56,7 +71,7 @@ def remove_nm_hooks(model: nn.Module) -> int:
     removed = 0
     for module in unwrap_model(model).modules():
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key in [k for k, h in hooks.items() if getattr(h, "__name__", "") in HOOK_NAMES]:
+            for key in [k for k, h in hooks.items() if _is_nm_hook(h)]:
                 del hooks[key]
                 module._forward_hooks_always_called.pop(key, None)
                 removed += 1
@@ -332,3 +347,65 @@ def one_shot_nm(
             f"that is a multiple of {pattern.m}"
         )
     return masks
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def nm_violating_groups(weight: torch.Tensor, n: int, m: int, in_dim: int = 1) -> int:
+    """The number of groups of ``m`` along ``in_dim`` with more than ``n`` non-zeros (the input size
+    must be a multiple of ``m``)."""
+    groups, _ = nm_groups(weight.detach(), m, in_dim)
+    return int(((groups != 0).sum(-1) > n).sum())
+
+
+def check_nm(weight: torch.Tensor, n: int, m: int, in_dim: int = 1) -> bool:
+    """Whether every group of ``m`` consecutive entries along ``in_dim`` has at most ``n`` non-zeros.
+
+    A weight whose input size is not a multiple of ``m`` cannot hold the pattern: False. For a
+    convolution the groups run over input channels at one kernel position (channels moved last).
+
+    Raises:
+        ConfigError: ``n``/``m`` invalid, or ``weight`` has fewer than 2 dims.
+    """
+    NMPattern(n, m)
+    if weight.dim() < 2:
+        raise ConfigError(f"N:M check needs a weight with >= 2 dims, got shape {tuple(weight.shape)}")
+    if weight.shape[in_dim] % m:
+        return False
+    return nm_violating_groups(weight, n, m, in_dim) == 0
+
+
+def nm_violations(
+    model: nn.Module,
+    n: int,
+    m: int,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> dict[str, int]:
+    """Target weight -> number of groups of ``m`` with more than ``n`` non-zeros, for weights that break
+    the pattern (empty when the whole model is N:M).
+
+    Weights whose input size is not a multiple of ``m`` cannot be N:M at all and are not listed: the
+    engine and :func:`one_shot_nm` keep those dense (:func:`check_nm` is False for them).
+    """
+    NMPattern(n, m)
+    model = unwrap_model(model)
+    dims = _input_dims(model)
+    out = {}
+    for name, p in select_targets(model, include, exclude):
+        dim = dims.get(name, 1)
+        if p.shape[dim] % m:
+            continue
+        bad = nm_violating_groups(p, n, m, dim)
+        if bad:
+            out[name] = bad
+    return out
+
+
+def _input_dims(model: nn.Module) -> dict[str, int]:
+    dims = {}
+    for mod_name, mod in model.named_modules():
+        for attr in mod._parameters:
+            dims[f"{mod_name}.{attr}" if mod_name else attr] = input_dim(mod, attr)
+    return dims

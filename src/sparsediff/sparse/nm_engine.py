@@ -45,6 +45,7 @@ from .nm import (
     incompatible_reason,
     input_dim,
     nm_groups,
+    nm_hook,
     nm_mask,
     parse_nm,
     parse_progressive,
@@ -103,7 +104,7 @@ class NMSparseEngine(Engine):
         dense_layers: target weights kept dense under the current pattern -> why.
     """
 
-    METHODS: ClassVar[tuple[str, ...]] = ("srste",)
+    FAMILY: ClassVar[str] = "nm"
     STATE_FORMAT: ClassVar[str] = "sparsediff.nm/1"
     STATE_LABEL: ClassVar[str] = "N:M engine"
     STATE_KEYS: ClassVar[tuple[str, ...]] = ("method", "nm", "nm_incompatible")
@@ -177,8 +178,6 @@ class NMSparseEngine(Engine):
         # prepend: on a model that is itself a target's owner, the model-level swap comes first
         self._hooks.append(self.model.register_forward_pre_hook(root_pre, prepend=True))
         self._hooks.append(self.model.register_forward_hook(root_post, always_call=True))
-        if self.optimizer is not None:
-            self._hooks.append(self.optimizer.register_step_post_hook(self._make_step_hook()))
 
     # ------------------------------------------------------------------ patterns
 
@@ -260,12 +259,14 @@ class NMSparseEngine(Engine):
                 self._on_use(name, None)
 
     def _make_pre_hook(self, name: str, attr: str):
+        @nm_hook
         def nm_pre_hook(module: nn.Module, args: Any) -> None:
             self._swap_in(module, attr, name)
 
         return nm_pre_hook
 
     def _make_post_hook(self, name: str, attr: str):
+        @nm_hook
         def nm_post_hook(module: nn.Module, args: Any, output: Any) -> None:
             self._swap_out(module, attr, name)
 
@@ -289,6 +290,7 @@ class NMSparseEngine(Engine):
         # masked too, and a module called several times sees one masked tensor: its gradients add up and
         # the SR-STE decay is added once per forward pass. The per-module hooks then do nothing; they
         # mask the weight of a submodule called on its own.
+        @nm_hook
         def nm_root_pre_hook(module: nn.Module, args: Any) -> None:
             fwd = self._fwd
             fwd.depth += 1
@@ -300,6 +302,7 @@ class NMSparseEngine(Engine):
             for name, mod, attr in entries:
                 self._swap_in(mod, attr, name, made)
 
+        @nm_hook
         def nm_root_post_hook(module: nn.Module, args: Any, output: Any) -> None:
             fwd = self._fwd
             fwd.depth = max(0, fwd.depth - 1)
@@ -372,12 +375,6 @@ class NMSparseEngine(Engine):
         self._mask_cache.clear()
 
     # ------------------------------------------------------------------ stepping
-
-    def _make_step_hook(self):
-        def nm_step_hook(optimizer, args, kwargs) -> None:
-            self._opt_steps += 1
-
-        return nm_step_hook
 
     def _advance(self, step: int) -> bool:
         pattern = self.pattern_at(step)

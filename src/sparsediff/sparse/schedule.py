@@ -52,10 +52,13 @@ class UpdateSchedule:
             )
 
     def is_update_step(self, step: int) -> bool:
-        """Whether a topology update follows optimiser step ``step`` (1-based)."""
+        """Whether a topology update follows optimiser step ``step`` (1-based). Not at a step whose drop
+        fraction is 0 (cosine decay reaches 0 at ``end_step``): such an update would move nothing."""
         if step <= 0 or step % self.update_every:
             return False
-        return self.end_step is None or step <= self.end_step
+        if self.end_step is not None and step > self.end_step:
+            return False
+        return self.drop_fraction(step) > 0.0
 
     def drop_fraction(self, step: int) -> float:
         if self.decay == "constant":

@@ -4,6 +4,9 @@
 ``--set sparse.erk_power=0.5`` on the command line) and :func:`sparsediff.sparsify` takes it, or its
 fields as keywords. Which fields apply depends on the method:
 
+What each method is and needs is declared once, in :mod:`~sparsediff.sparse.methods` (the tuples below are
+read off that registry):
+
 - ``dense``, ``static``, ``rigl``, ``magran`` (:data:`UNSTRUCTURED_METHODS`, the :class:`SparseEngine`):
   ``sparsity``, ``distribution``, ``erk_power``, ``seed``, ``rescale_init``; and for the dynamic ones
   (RigL, MagRan) the drop/grow schedule ``prune_ratio``, ``decay``, ``update_every``, ``end_step`` /
@@ -24,16 +27,16 @@ from typing import Any
 
 from ..errors import ConfigError
 from .distribution import DISTRIBUTIONS, check_sparsity
+from .methods import REGISTRY, SparseMethod, get_method, method_names
 from .nm import DEFAULT_NM, DEFAULT_SRSTE_LAMBDA, check_policy, parse_nm, parse_progressive
 from .schedule import DECAYS, NEVER
 
-UNSTRUCTURED_METHODS = ("dense", "static", "rigl", "magran")
-NM_METHODS = ("srste", "oneshot")
-METHODS = UNSTRUCTURED_METHODS + NM_METHODS
-ENGINE_METHODS = UNSTRUCTURED_METHODS + ("srste",)  # the methods sparsify() builds an engine for (trainable)
-DYNAMIC_METHODS = ("rigl", "magran")  # methods that move the topology during training
-NM_FIELDS = ("nm", "srste_lambda", "progressive", "nm_incompatible")  # used by N:M methods only
-COMMON_FIELDS = ("method", "include", "exclude")  # used by every method
+# Views of the method registry (sparse/methods.py), for choices and help texts.
+METHODS = tuple(REGISTRY)
+UNSTRUCTURED_METHODS = method_names(structured=False)
+NM_METHODS = method_names(structured=True)
+ENGINE_METHODS = method_names(has_engine=True)  # the methods sparsify() builds an engine for (trainable)
+DYNAMIC_METHODS = method_names(dynamic=True)  # methods that move the topology during training
 
 
 @dataclass
@@ -84,14 +87,19 @@ class SparseSpec:
     nm_incompatible: str = "dense"
 
     @property
+    def sparse_method(self) -> SparseMethod:
+        """The registered :class:`~sparsediff.sparse.methods.SparseMethod` of ``method``."""
+        return get_method(self.method)
+
+    @property
     def dynamic(self) -> bool:
         """Whether the topology moves during training (RigL, MagRan)."""
-        return self.method in DYNAMIC_METHODS
+        return self.sparse_method.dynamic
 
     @property
     def structured(self) -> bool:
         """Whether the method makes N:M masks (the :class:`NMSparseEngine`)."""
-        return self.method in NM_METHODS
+        return self.sparse_method.structured
 
     def final_nm_pattern(self) -> str | None:
         """The N:M pattern an N:M run ends with (the last progressive stage, else ``nm``); None otherwise."""
@@ -111,8 +119,7 @@ class SparseSpec:
     def for_engine(self) -> SparseSpec:
         """A copy keeping the fields the method's engine uses, the others at their defaults (so two
         engines that behave the same have equal specs and save equal states)."""
-        unstructured = [f.name for f in dataclasses.fields(self) if f.name not in NM_FIELDS]
-        used = NM_FIELDS + COMMON_FIELDS if self.structured else unstructured
+        used = self.sparse_method.fields(tuple(f.name for f in dataclasses.fields(self)))
         return SparseSpec(**{name: copy.copy(getattr(self, name)) for name in used})
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,15 +146,17 @@ class SparseSpec:
             except ConfigError as e:
                 fail(name, str(e))
 
-        if self.method not in METHODS:
-            fail("method", f"unknown sparse method {self.method!r}; choose one of {', '.join(METHODS)}")
+        try:
+            method = get_method(self.method)
+        except ConfigError as e:
+            fail("method", str(e))
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):
                 fail(name, f"expected a list of layer patterns, got {value!r}")
-        if self.structured:
+        if method.structured:
             check("nm", parse_nm, self.nm)
-            if self.method == "srste" and self.progressive:
+            if method.has_engine and self.progressive:  # a schedule of patterns is for training
                 check("progressive", parse_progressive, self.progressive)
             lam = self.srste_lambda
             if (
@@ -173,7 +182,7 @@ class SparseSpec:
         r = self.prune_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
             fail("prune_ratio", f"prune ratio must be in (0, 1], got {r!r}")
-        if self.dynamic:
+        if method.dynamic:
             u = self.update_every
             if isinstance(u, bool) or not isinstance(u, int) or u < 1:
                 fail("update_every", f"update_every must be a positive whole number of steps, got {u!r}")
@@ -185,7 +194,7 @@ class SparseSpec:
             f = self.end_fraction
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
                 fail("end_fraction", f"end_fraction must be in (0, 1], got {f!r}")
-        if need_sparsity and self.method != "dense" and self.sparsity == 0.0:
+        if need_sparsity and method.masked and self.sparsity == 0.0:
             fail(
                 None,
                 f"method {self.method} needs --sparsity (sparse.sparsity) > 0; "

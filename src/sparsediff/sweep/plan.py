@@ -18,6 +18,7 @@ from typing import Any
 
 from ..config import RunConfig, deep_update, flatten, load_config, parse_overrides
 from ..errors import ConfigError
+from ..sparse.methods import REGISTRY, is_dense
 from ..sparse.spec import DYNAMIC_METHODS, UNSTRUCTURED_METHODS
 
 __all__ = [
@@ -161,7 +162,7 @@ class GridPoint:
     def name(self) -> str:
         """Stable, readable run-directory name: ``dense-seed0``, ``static-s0.5-seed0``, ``rigl-s0.9-p0.05-seed1``."""
         parts = [self.method]
-        if self.method != "dense":
+        if not is_dense(self.method):
             parts.append(f"s{self.sparsity:g}")
         if self.prune_ratio is not None:
             parts.append(f"p{self.prune_ratio:g}")
@@ -192,8 +193,11 @@ def expand_grid(
     methods = list(dict.fromkeys(m.strip().lower() for m in methods))
     unknown = [m for m in methods if m not in SWEEP_METHODS]
     if unknown:
+        structured = [m for m in unknown if m in REGISTRY and REGISTRY[m].structured]
         hint = (
-            " (srste fine-tunes a pretrained model: use `sparsediff finetune`)" if "srste" in unknown else ""
+            f" ({structured[0]} makes a pretrained model N:M-sparse: use `sparsediff finetune`)"
+            if structured
+            else ""
         )
         raise ConfigError(
             f"unknown sweep method {unknown[0]!r}; choose from {', '.join(SWEEP_METHODS)}{hint}"
@@ -211,19 +215,20 @@ def expand_grid(
             raise ConfigError(f"prune ratio must be in (0, 1], got {p:g}")
     if not seeds or any(s < 0 for s in seeds):
         raise ConfigError(f"seeds must be one or more whole numbers >= 0, got {seeds}")
-    sparse = [m for m in methods if m != "dense"]
+    sparse = [m for m in methods if not is_dense(m)]
     if sparse and not sparsities:
         raise ConfigError(f"method(s) {', '.join(sparse)} need --sparsities")
-    if any(m in DYNAMIC_METHODS for m in methods) and not prunes:
-        raise ConfigError("rigl and magran need --prune-ratios")
+    dynamic = [m for m in methods if REGISTRY[m].dynamic]
+    if dynamic and not prunes:
+        raise ConfigError(f"method(s) {', '.join(dynamic)} need --prune-ratios")
     points = []
     for seed in seeds:
         for method in methods:
-            if method == "dense":
-                points.append(GridPoint("dense", 0.0, None, seed))
+            if is_dense(method):
+                points.append(GridPoint(method, 0.0, None, seed))
                 continue
             for s in sparsities:
-                for p in prunes if method in DYNAMIC_METHODS else [None]:
+                for p in prunes if REGISTRY[method].dynamic else [None]:
                     points.append(GridPoint(method, s, p, seed))
     return points
 
