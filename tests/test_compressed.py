@@ -24,25 +24,26 @@ from sparsediff.checkpoint import (
     model_tensors,
 )
 from sparsediff.cli import main as cli
-from sparsediff.compressed import export_sparse, load_sparse_export, sparse_export_nbytes
 from sparsediff.config import load_config
 from sparsediff.errors import StateError
-from sparsediff.export import load_export
+from sparsediff.export import export_sparse, load_export, load_sparse_export, sparse_export_nbytes
 from sparsediff.inspection import inspect_preset
 from sparsediff.models import build_model
 from sparsediff.report import report
 from sparsediff.run import RunDir, load_model_and_masks
-from sparsediff.sparse.compress import (
+from sparsediff.sparse.codec import (
     METADATA_KEY,
     PART,
     Support,
+    decode,
     encode,
     int_view,
+    load_compressed,
+    load_with_supports,
     pack_bits,
     save_compressed,
     unpack_bits,
 )
-from sparsediff.sparse.decompress import decode, load_compressed, load_with_supports
 from sparsediff.sparse.io import engine_state_from_tensors
 from sparsediff.train import train
 
@@ -248,7 +249,7 @@ def test_corrupted_bytes_are_caught_by_the_checksum(tmp_path):
 def _edited(path: Path, edit) -> None:
     """Rewrite ``path`` with ``edit(stored, index)`` applied (checksums recomputed: only a wrong count
     or mask is left to find)."""
-    from sparsediff.sparse.compress import crc32_of
+    from sparsediff.sparse.codec import crc32_of
 
     with safe_open(str(path), "pt") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
@@ -428,7 +429,7 @@ def test_export_sparse_loads_back_into_the_masked_model_and_the_runtime(rigl_run
     assert all(torch.equal(masks16[n], masks[n]) for n in masks)
 
     _, again, info = load_export(path, device="cpu")  # the generic loader takes it too
-    assert info["format"] == "sparsediff.sparse/1" and info["masked_layers"] == len(masks)
+    assert info["format"] == "sparsediff.sparse-export/1" and info["masked_layers"] == len(masks)
     from sparsediff.sparse.runtime import to_sparse_inference
 
     fast = to_sparse_inference(model, masks, max_density=1.0)

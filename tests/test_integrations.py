@@ -652,7 +652,7 @@ def test_export_diffusers_loads_with_plain_diffusers_in_a_fresh_process(rigl_run
 def test_a_diffusers_folder_back_into_sparse_training(rigl_run, tmp_path):
     from diffusers import UNet2DModel
 
-    from sparsediff.export_diffusers import export_diffusers
+    from sparsediff.export import export_diffusers
     from sparsediff.finetune import load_source
     from sparsediff.run import load_model_and_masks
 
@@ -692,7 +692,7 @@ def test_a_diffusers_folder_back_into_sparse_training(rigl_run, tmp_path):
 
 
 def test_export_diffusers_refuses_a_file_as_output(rigl_run, tmp_path):
-    from sparsediff.export_diffusers import export_diffusers
+    from sparsediff.export import export_diffusers
 
     (tmp_path / "f").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):

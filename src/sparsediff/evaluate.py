@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from .checkpoint import directory_nbytes
-from .compressed import sparse_export_nbytes
 from .config import RunConfig
+from .export.sparse_file import sparse_export_nbytes
 from .run import RunDir, load_model_and_masks
 from .sample import generate, save_grid
 from .sparse import count_flops

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from .checkpoint import model_tensors
-from .compressed import format_bytes, sparse_export_payload
 from .config import load_config
+from .export.common import format_bytes
+from .export.sparse_file import sparse_export_payload
 from .models import build_model
 from .sparse import count_flops, plan_sparsity, sparsify
-from .sparse.compress import serialized_nbytes
+from .sparse.codec import serialized_nbytes
 from .sparse.flops import format_flops
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..compressed import format_bytes
 from ..evaluate import evaluate_run
+from ..export.common import format_bytes
 from ..run import RunDir
 from .common import add_json_option, add_quiet_option, add_run_option, add_sampling_options, call, emit
 

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..compressed import format_bytes
 from ..config import flatten
 from ..errors import ConfigError
+from ..export.common import format_bytes
 from ..run import RunDir
 from ..sweep.plan import GRID_KEYS
 from .plots import plot_fid_vs_sparsity, plot_fid_vs_train_flops, plot_sample_grids

@@ -14,25 +14,19 @@ masks), ``nm`` (N:M patterns, masks, one-shot pruning) and ``nm_engine`` (SR-STE
 
 from .api import sparsify
 from .base import DensityReport, Engine, LayerReport, derive_seed, unwrap_optimizer
-from .compress import Support, save_compressed
-from .decompress import load_compressed
+from .codec import Support, load_compressed, save_compressed
 from .distribution import DISTRIBUTIONS, layer_budgets, layer_densities, plan_sparsity
 from .engine import SparseEngine, UpdateStats
-from .export import (
-    SemiStructuredReport,
-    check_nm,
-    nm_violations,
-    plan_semi_structured,
-    to_semi_structured,
-)
 from .flops import FlopReport, count_flops, training_flops_per_step, training_flops_total
 from .integrations import EMATargets, hook_accelerator
 from .io import load_engine_state, save_engine_state
 from .masks import masks_from_weights
 from .nm import (
     NMPattern,
+    check_nm,
     has_nm_hooks,
     nm_mask,
+    nm_violations,
     one_shot_nm,
     parse_nm,
     parse_progressive,
@@ -42,6 +36,7 @@ from .nm import (
 )
 from .nm_engine import NMDensityReport, NMSparseEngine
 from .schedule import UpdateSchedule
+from .semi_structured import SemiStructuredReport, plan_semi_structured, to_semi_structured
 from .spec import DYNAMIC_METHODS, ENGINE_METHODS, METHODS, NM_METHODS, UNSTRUCTURED_METHODS, SparseSpec
 from .targets import select_targets, unwrap_model
 

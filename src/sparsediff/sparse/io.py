@@ -1,7 +1,7 @@
 """Saving and loading engine state with safetensors (masks as uint8 tensors, the rest as JSON metadata).
 
-The files are written compressed (``compress.py``: each mask as a bitmask, deflated when smaller); both compressed and
-plain files load."""
+The files are written compressed (``codec/``: each mask as a bitmask, deflated when smaller); both
+compressed and plain files load."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import torch
 
 from ..errors import StateError
 from .base import Engine
-from .compress import save_compressed
-from .decompress import load_compressed
+from .codec import load_compressed, save_compressed
 
 # The tensors of an engine state file: MASK_PREFIX + layer name -> uint8 0/1 mask.
 MASK_PREFIX = "mask/"

@@ -1,4 +1,4 @@
-"""Checks of N:M structure and export of 2:4-sparse Linear layers to PyTorch's semi-structured format.
+"""2:4-sparse Linear layers converted to PyTorch's semi-structured sparse format (inference on GPUs).
 
 ``to_semi_structured(model)`` swaps the weight of every ``nn.Linear`` that is exactly 2:4 along its input
 dimension for ``torch.sparse.to_sparse_semi_structured(weight)``, so ``F.linear`` runs on the sparse
@@ -6,13 +6,14 @@ tensor cores (cuSPARSELt, or CUTLASS when cuSPARSELt is missing or forced). Ever
 convolutions (the kernels cover 2-D matrix products only), layers whose shape the kernel does not take,
 and weights that are not 2:4. The result is an inference-only model in float16 or bfloat16.
 
-Measured speed-ups are modest (REFERENCE.md section 6: 1.1-1.3x on large linears, ~1.0x or slower on small
-ones), so measure before claiming one.
+Measured speed-ups on the 2:4 sparse tensor cores are modest: 1.1-1.3x on large linears, about 1.0x or
+slower on small ones, so measure before claiming one. The N:M checks themselves (``check_nm``,
+``nm_violations``) are in ``nm.py``; the export of a whole run is ``sparsediff.export.semi_structured``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,74 +23,11 @@ from torch import nn
 from ..errors import ConfigError
 from .base import Engine
 from .masks import mask_mismatch
-from .nm import NMPattern, has_nm_hooks, input_dim, nm_groups
+from .nm import has_nm_hooks, nm_violating_groups
 from .nm_engine import NMSparseEngine
-from .targets import select_targets, unwrap_model
+from .targets import unwrap_model
 
 EXPORT_DTYPES = (torch.float16, torch.bfloat16)
-
-
-# ---------------------------------------------------------------------------------------------- checks
-
-
-def _violating_groups(weight: torch.Tensor, n: int, m: int, in_dim: int) -> int:
-    groups, _ = nm_groups(weight.detach(), m, in_dim)
-    return int(((groups != 0).sum(-1) > n).sum())
-
-
-def check_nm(weight: torch.Tensor, n: int, m: int, in_dim: int = 1) -> bool:
-    """Whether every group of ``m`` consecutive entries along ``in_dim`` has at most ``n`` non-zeros.
-
-    A weight whose input size is not a multiple of ``m`` cannot hold the pattern: False. For a
-    convolution the groups run over input channels at one kernel position (channels moved last).
-
-    Raises:
-        ConfigError: ``n``/``m`` invalid, or ``weight`` has fewer than 2 dims.
-    """
-    NMPattern(n, m)
-    if weight.dim() < 2:
-        raise ConfigError(f"N:M check needs a weight with >= 2 dims, got shape {tuple(weight.shape)}")
-    if weight.shape[in_dim] % m:
-        return False
-    return _violating_groups(weight, n, m, in_dim) == 0
-
-
-def nm_violations(
-    model: nn.Module,
-    n: int,
-    m: int,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-) -> dict[str, int]:
-    """Target weight -> number of groups of ``m`` with more than ``n`` non-zeros, for weights that break
-    the pattern (empty when the whole model is N:M).
-
-    Weights whose input size is not a multiple of ``m`` cannot be N:M at all and are not listed: the
-    engine and :func:`one_shot_nm` keep those dense (:func:`check_nm` is False for them).
-    """
-    NMPattern(n, m)
-    model = unwrap_model(model)
-    dims = _input_dims(model)
-    out = {}
-    for name, p in select_targets(model, include, exclude):
-        dim = dims.get(name, 1)
-        if p.shape[dim] % m:
-            continue
-        bad = _violating_groups(p, n, m, dim)
-        if bad:
-            out[name] = bad
-    return out
-
-
-def _input_dims(model: nn.Module) -> dict[str, int]:
-    dims = {}
-    for mod_name, mod in model.named_modules():
-        for attr in mod._parameters:
-            dims[f"{mod_name}.{attr}" if mod_name else attr] = input_dim(mod, attr)
-    return dims
-
-
-# ---------------------------------------------------------------------------------------------- export
 
 
 @dataclass
@@ -234,7 +172,7 @@ def plan_semi_structured(
             if name in mask_map:
                 w = w.masked_fill(~mask_map[name].to(device=w.device, dtype=torch.bool), 0)
             # The dtype cast can only turn small values into zeros, so the fp32 check is the strict one.
-            bad = _violating_groups(w, 2, 4, 1)
+            bad = nm_violating_groups(w, 2, 4, 1)
             if bad:
                 keep(f"not 2:4: {bad} of {out_f * in_f // 4} groups of 4 have more than 2 non-zeros")
                 continue
@@ -346,8 +284,6 @@ __all__ = [
     "EXPORT_DTYPES",
     "ExportLayer",
     "SemiStructuredReport",
-    "check_nm",
-    "nm_violations",
     "plan_semi_structured",
     "to_semi_structured",
 ]

@@ -29,7 +29,7 @@ metadata key ``sparsediff_compressed`` (JSON) holds the format marker and, per t
 stored part (and for compressed ones shape, dtype, count and how the support is stored): a corrupted or
 truncated file, a mask whose count disagrees with the values, or a shared mask from another file is
 refused with an error naming the file and the tensor, never loaded as a wrong tensor. A file without
-that key (an ordinary safetensors file) loads as it is. Reading is in ``decompress.py``.
+that key (an ordinary safetensors file) loads as it is. Reading is in ``decoder.py``.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class Support:
             that shares it.
         file: with ``tensor``: the name of the file in the same directory that holds it; None: this file.
         required: store the tensor with this mask even when that is larger than dense, so that the mask
-            can be read back (``decompress.load_with_supports``); the tensor must be zero outside it.
+            can be read back (``decoder.load_with_supports``); the tensor must be zero outside it.
     """
 
     mask: torch.Tensor

@@ -1,4 +1,4 @@
-"""Reading compressed sparse tensors back (the format is described in ``compress.py``).
+"""Reading compressed sparse tensors back (the format is described in ``encoder.py``).
 
 Every part is checked against the file's index before it is used: its checksum, its length, the count
 of its mask against the values stored, and a shared mask against the checksum it was saved with. A file
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..errors import StateError
-from .compress import (
+from ...errors import StateError
+from .encoder import (
     COMPRESSED_FORMAT,
     INT_OF_SIZE,
     MAX_INT32_INDEX,
@@ -33,7 +33,7 @@ from .compress import (
     unpack_bits,
 )
 
-__all__ = ["decode", "load_compressed", "load_with_supports", "shared_mask_checksums"]
+__all__ = ["decode", "load_compressed", "load_metadata", "load_with_supports", "shared_mask_checksums"]
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -368,18 +368,34 @@ def load_compressed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, meta
 
 
-def shared_mask_checksums(path: str | Path) -> dict[tuple[str | None, str], int]:
-    """``(file, tensor) -> checksum`` (:func:`~sparsediff.sparse.compress.mask_checksum`) of every shared
-    mask the tensors of ``path`` were stored against; only the file's header is read (empty for a plain
-    file). Lets a reader check masks it loads from elsewhere against the file."""
+def _header_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata, read from its header alone."""
     from safetensors import safe_open
 
-    path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
+            return dict(f.metadata() or {})
     except Exception as e:  # safetensors raises several error types for damaged files
         raise StateError(_diagnose(path, e)) from None
+
+
+def load_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file, compressed or not, as :func:`load_compressed` returns it; only
+    the file's header is read (the tensors are neither read nor checked).
+
+    Raises:
+        StateError: the file is missing or its header is damaged.
+    """
+    meta = _header_metadata(Path(path))
+    return {k: v for k, v in meta.items() if k != METADATA_KEY}
+
+
+def shared_mask_checksums(path: str | Path) -> dict[tuple[str | None, str], int]:
+    """``(file, tensor) -> checksum`` (:func:`~sparsediff.sparse.codec.encoder.mask_checksum`) of every shared
+    mask the tensors of ``path`` were stored against; only the file's header is read (empty for a plain
+    file). Lets a reader check masks it loads from elsewhere against the file."""
+    path = Path(path)
+    meta = _header_metadata(path)
     if METADATA_KEY not in meta:
         return {}
     entries = _index(path, meta).get("tensors") or {}
