@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from sparsediff.sparse import native
 from sparsediff.sparse.runtime import (
     MAX_DENSITY,
     MEASURE_ROUNDS,
@@ -20,7 +21,6 @@ from sparsediff.sparse.runtime import (
     SparseGRU,
     SparseLinear,
     kernels,
-    native,
     sparse_layers,
     to_sparse_inference,
 )

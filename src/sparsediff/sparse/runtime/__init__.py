@@ -2,9 +2,9 @@
 
 ``to_sparse_inference(model, masks)`` returns a copy of ``model`` with the same forward semantics in which
 every sparsified layer sparse enough to gain runs on compressed weights through the native kernels of
-``kernels.cpp``: ``nn.Linear`` -> :class:`SparseLinear` (SpMM), ``nn.Conv1d``/``nn.Conv2d`` with stride 1
-and groups 1 -> :class:`SparseConv` (direct sparse convolution), ``nn.GRU`` -> :class:`SparseGRU` (one SpMM
-for the input projections, the recurrence in native code). Other layers, and layers too dense to
+``sparse/native/``: ``nn.Linear`` -> :class:`SparseLinear` (SpMM), ``nn.Conv1d``/``nn.Conv2d`` with stride
+1 and groups 1 -> :class:`SparseConv` (direct sparse convolution), ``nn.GRU`` -> :class:`SparseGRU` (one
+SpMM for the input projections, the recurrence in native code). Other layers, and layers too dense to
 gain, stay as they are. Works on any module built from these layers (diffusers models included).
 """
 
@@ -19,11 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ops  # noqa: F401  (registers torch.ops.sparsediff for torch.compile)
+from ..native import kernels
 from .conv import SparseConv, convertible
 from .gru import SparseGRU
 from .linear import SparseLinear
-from .native import kernels
 
 # The default rule (no example inputs): per layer kind, the density up to which the kernels win on the
 # layers of sparsediff's denoisers, measured on a 2-core AVX2 machine (benchmarks/sparse_runtime.py).

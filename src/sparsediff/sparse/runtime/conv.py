@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..native import native_for
 from .csr import NO_BIAS, CompressedLayer, from_csr, to_csr
-from .native import native_for
 
 PARALLEL_GRAIN = 1 << 18  # multiply-adds below which a call runs on one thread
 

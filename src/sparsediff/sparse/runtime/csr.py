@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .native import kernels
+from ..native import kernels
 
 NO_BIAS = torch.empty(0, dtype=torch.float32)  # what the kernels take for "no bias" (never written to)
 

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from ..native import native_for
 from .csr import NO_BIAS, from_csr, to_csr
 from .linear import SparseLinear
-from .native import native_for
 
 
 class SparseGRU(nn.Module):

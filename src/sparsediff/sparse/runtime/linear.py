@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..native import native_for
 from .csr import NO_BIAS, CompressedLayer, from_csr, to_csr
-from .native import native_for
 
 
 def panel_width(in_features: int) -> int:

@@ -1,0 +1,232 @@
+// GRU recurrence with a sparse hidden-to-hidden matrix, all time steps in one native call.
+//
+// gi: (3H, T, B) input projections of every step, transposed (x_t W_ih^T + b_ih, computed before by one
+// SpMM, which writes this order directly); W_hh (3H x H) in CSR (row_ptr, cols, values), b_hh (3H) or empty; h0: (B, H). Gates in PyTorch's
+// order (r, z, n): r = sigmoid(gi_r + gh_r), z = sigmoid(gi_z + gh_z), n = tanh(gi_n + r * gh_n),
+// h' = (1 - z) * n + z * h, with gh = W_hh h + b_hh. `reverse` walks the steps backwards (the second
+// direction of a bidirectional GRU). `lengths` (B, int64, or empty: all T) gives each sequence's valid
+// steps, as a packed sequence does: steps past a sequence's length leave its state alone and output 0, so
+// the reverse direction starts at each sequence's own last step. Returns the outputs (T, H, B), transposed,
+// and the final states (B, H).
+// Everything is laid out with the batch last, so each non-zero of W_hh updates B contiguous sums and the
+// gates run eight sequences per AVX instruction (a vectorised exp). Threads split the batch, never the
+// steps: starting threads at every step would cost more than the step.
+//
+// Its backward through time will sit next to it, in this file or gru_backward.cpp, sharing the vectorised
+// exp / sigmoid / tanh below.
+
+#include "kernels.h"
+#include "tiles.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+#if SPARSEDIFF_AVX2
+// exp(x) for eight floats: range reduction to 2^n * e^r, |r| <= ln2 / 2, and a degree-6 polynomial
+// (relative error about 2e-7); inputs are clamped to the finite range of float.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// 1 / d by the approximate reciprocal and one Newton step (about 23 bits; a division costs several times
+// as much)
+inline __m256 reciprocal8(__m256 d) {
+  const __m256 r = _mm256_rcp_ps(d);
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
+}
+
+inline __m256 sigmoid8(__m256 x) {
+  return reciprocal8(_mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+inline __m256 tanh8(__m256 x) {  // 2 sigmoid(2x) - 1
+  const __m256 two = _mm256_set1_ps(2.0f);
+  return _mm256_fmsub_ps(two, sigmoid8(_mm256_mul_ps(two, x)), _mm256_set1_ps(1.0f));
+}
+#endif
+
+inline float sigmoid1(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+// One sequence's gates for every hidden unit j. Its values sit at strides: gi (r, z, n) at
+// gi[j * gi_step + gate * gi_gate], gh at gh[(gate * hidden + j) * w], the state at h[j * w], the output
+// at out[j * out_step].
+void gates_over_units(const float* gi, int64_t gi_step, int64_t gi_gate, const float* gh, float* h, int64_t w,
+                      int64_t hidden, float* out, int64_t out_step) {
+  int64_t j = 0;
+#if SPARSEDIFF_AVX2
+  if (gi_step * 8 < (int64_t{1} << 31) && w * 8 < (int64_t{1} << 31)) {  // gather offsets are int32
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i gi_at = _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int32_t>(gi_step)));
+    const __m256i w_at = _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int32_t>(w)));
+    alignas(32) float hv[8];
+    for (; j + 8 <= hidden; j += 8) {
+      const float* gij = gi + j * gi_step;
+      const float* ghj = gh + j * w;
+      const __m256 r = sigmoid8(_mm256_add_ps(_mm256_i32gather_ps(gij, gi_at, 4), _mm256_i32gather_ps(ghj, w_at, 4)));
+      const __m256 z = sigmoid8(_mm256_add_ps(_mm256_i32gather_ps(gij + gi_gate, gi_at, 4),
+                                              _mm256_i32gather_ps(ghj + hidden * w, w_at, 4)));
+      const __m256 n = tanh8(_mm256_fmadd_ps(r, _mm256_i32gather_ps(ghj + 2 * hidden * w, w_at, 4),
+                                             _mm256_i32gather_ps(gij + 2 * gi_gate, gi_at, 4)));
+      const __m256 h_old = _mm256_i32gather_ps(h + j * w, w_at, 4);
+      _mm256_store_ps(hv, _mm256_fmadd_ps(z, h_old, _mm256_fnmadd_ps(z, n, n)));  // (1 - z) n + z h
+      for (int i = 0; i < 8; ++i) h[(j + i) * w] = hv[i], out[(j + i) * out_step] = hv[i];
+    }
+  }
+#endif
+  for (; j < hidden; ++j) {
+    const float r = sigmoid1(gi[j * gi_step] + gh[j * w]);
+    const float z = sigmoid1(gi[j * gi_step + gi_gate] + gh[(hidden + j) * w]);
+    const float n = std::tanh(gi[j * gi_step + 2 * gi_gate] + r * gh[(2 * hidden + j) * w]);
+    const float hn = (1.0f - z) * n + z * h[j * w];
+    h[j * w] = hn;
+    out[j * out_step] = hn;
+  }
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_ptr, torch::Tensor cols,
+                                          torch::Tensor values, torch::Tensor b_hh, torch::Tensor h0,
+                                          torch::Tensor lengths, bool reverse) {
+  TORCH_CHECK(gi.dim() == 3 && gi.scalar_type() == torch::kFloat32, "gru_recurrence: gi must be (3H, T, B) float32");
+  gi = gi.contiguous();
+  h0 = h0.contiguous();
+  const int64_t steps = gi.size(1), nb = gi.size(2), hidden = h0.size(1);
+  TORCH_CHECK(gi.size(0) == 3 * hidden && h0.size(0) == nb && row_ptr.numel() == 3 * hidden + 1,
+              "gru_recurrence: shapes of gi, W_hh and h0 disagree");
+  const bool ragged = lengths.numel() > 0;
+  // every step of every sequence is written unless some end early: only then must the rest read 0
+  auto out = ragged ? torch::zeros({steps, hidden, nb}, gi.options()) : torch::empty({steps, hidden, nb}, gi.options());
+  TORCH_CHECK(!ragged || (lengths.numel() == nb && lengths.scalar_type() == torch::kInt64),
+              "gru_recurrence: lengths must hold one int64 per sequence");
+  if (ragged) lengths = lengths.contiguous();
+  const int64_t* len = ragged ? lengths.data_ptr<int64_t>() : nullptr;
+  // With lengths in non-increasing order (a packed batch's order) the sequences still running at step t
+  // are a prefix of the batch, active[t] long: the work of a step shrinks with it, as for a packed GRU.
+  std::vector<int64_t> active(static_cast<size_t>(steps), nb);
+  bool sorted = ragged;
+  for (int64_t b = 1; ragged && b < nb; ++b) sorted = sorted && len[b - 1] >= len[b];
+  if (sorted)
+    for (int64_t t = 0; t < steps; ++t) {
+      int64_t count = 0;
+      while (count < nb && len[count] > t) ++count;
+      active[t] = count;
+    }
+  const float* g = gi.data_ptr<float>();
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int32_t* col = cols.data_ptr<int32_t>();
+  const float* val = values.data_ptr<float>();
+  const bool has_bias = b_hh.numel() > 0;
+  if (has_bias) b_hh = b_hh.contiguous();
+  const float* bh = has_bias ? b_hh.data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
+  const float* h0d = h0.data_ptr<float>();
+  auto last = torch::empty({nb, hidden}, gi.options());
+  float* ld = last.data_ptr<float>();
+  // Sequences are independent: with several threads each takes a slice of the batch (a multiple of eight)
+  // for the whole recurrence, so threads start once per call, not once per step. Each slice keeps its own
+  // state and sums (w sequences wide): no cache line is written by two threads at every step.
+  auto run = [&](int64_t b0, int64_t b1) {
+    const int64_t w = b1 - b0;
+    std::vector<float> ht(static_cast<size_t>(hidden * w)), gh(static_cast<size_t>(3 * hidden * w));
+    std::vector<float> live(static_cast<size_t>(w), 1.0f);  // 1 while a sequence has steps left
+    std::vector<int32_t> hoff(static_cast<size_t>(values.numel()));  // where each non-zero's h row starts
+    for (int64_t p = 0; p < values.numel(); ++p) hoff[p] = static_cast<int32_t>(col[p] * w);
+    for (int64_t b = 0; b < w; ++b)
+      for (int64_t j = 0; j < hidden; ++j) ht[j * w + b] = h0d[(b0 + b) * hidden + j];
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t t = reverse ? steps - 1 - s : s;
+      // this step's end of the slice: past the running prefix (rounded up to whole vectors) nothing changes
+      const int64_t e = std::min(w, (std::max<int64_t>(active[t] - b0, 0) + 7) / 8 * 8);
+      if (e <= 0) continue;
+      if (ragged)
+        for (int64_t b = 0; b < e; ++b) live[b] = t < len[b0 + b] ? 1.0f : 0.0f;
+      // gh = W_hh h + b_hh: each row starts at its bias, then one register tile of up to 64 sequences
+      // per row (independent sums, so the FMAs do not wait on each other)
+      for (int64_t r = 0; r < 3 * hidden; ++r) std::fill(gh.data() + r * w, gh.data() + r * w + e, bh ? bh[r] : 0.0f);
+      int64_t bv = 0;
+      auto tiles = [&](auto width) {
+        constexpr int W = decltype(width)::value;
+        for (; bv + W <= e; bv += W)
+          tile_rows<W, 1>(hoff.data(), val, rp, rp + 1, 1, 3 * hidden, ht.data() + bv, gh.data() + bv, w, true);
+      };
+      tiles(std::integral_constant<int, 64>{});
+      tiles(std::integral_constant<int, 32>{});
+      tiles(std::integral_constant<int, 16>{});
+      tiles(std::integral_constant<int, 8>{});
+      for (int64_t b = bv; b < e; ++b)  // the last few (fewer than eight): four partial sums per row
+        for (int64_t r = 0; r < 3 * hidden; ++r) {
+          const float* hb = ht.data() + b;
+          float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+          int64_t p = rp[r];
+          for (; p + 4 <= rp[r + 1]; p += 4) {
+            s0 += val[p] * hb[hoff[p]];
+            s1 += val[p + 1] * hb[hoff[p + 1]];
+            s2 += val[p + 2] * hb[hoff[p + 2]];
+            s3 += val[p + 3] * hb[hoff[p + 3]];
+          }
+          for (; p < rp[r + 1]; ++p) s0 += val[p] * hb[hoff[p]];
+          gh[r * w + b] += (s0 + s1) + (s2 + s3);
+        }
+      const int64_t full = SPARSEDIFF_AVX2 ? e / 8 * 8 : 0;  // sequences the gates take eight at a time
+      for (int64_t j = 0; j < hidden; ++j) {
+        float* hj = ht.data() + j * w;
+        const float *gir = g + (j * steps + t) * nb + b0, *giz = g + ((hidden + j) * steps + t) * nb + b0,
+                    *gin = g + ((2 * hidden + j) * steps + t) * nb + b0;
+        const float *ghr = gh.data() + j * w, *ghz = gh.data() + (hidden + j) * w, *ghn = gh.data() + (2 * hidden + j) * w;
+        float* oj = o + (t * hidden + j) * nb + b0;
+        int64_t b = 0;
+#if SPARSEDIFF_AVX2
+        for (; b < full; b += 8) {
+          const __m256 r = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(gir + b), _mm256_loadu_ps(ghr + b)));
+          const __m256 z = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(giz + b), _mm256_loadu_ps(ghz + b)));
+          const __m256 n = tanh8(_mm256_fmadd_ps(r, _mm256_loadu_ps(ghn + b), _mm256_loadu_ps(gin + b)));
+          const __m256 h_old = _mm256_loadu_ps(hj + b);
+          // (1 - z) n + z h
+          const __m256 h = _mm256_fmadd_ps(z, h_old, _mm256_fnmadd_ps(z, n, n));
+          const __m256 on = _mm256_cmp_ps(_mm256_loadu_ps(live.data() + b), _mm256_setzero_ps(), _CMP_NEQ_OQ);
+          _mm256_storeu_ps(hj + b, _mm256_blendv_ps(h_old, h, on));
+          _mm256_storeu_ps(oj + b, _mm256_blendv_ps(_mm256_setzero_ps(), h, on));  // 0 when finished
+        }
+#endif
+      }
+      // The sequences past the last whole eight (all of them for a batch of 1): their gates go eight
+      // hidden units at a time, gathering the strided inputs (one by one without AVX2).
+      for (int64_t b = full; b < e; ++b) {
+        if (live[b] == 0.0f) continue;  // past this sequence's end: state unchanged, output 0
+        gates_over_units(g + t * nb + b0 + b, steps * nb, hidden * steps * nb, gh.data() + b, ht.data() + b, w,
+                         hidden, o + t * hidden * nb + b0 + b, nb);
+      }
+    }
+    for (int64_t b = 0; b < w; ++b)
+      for (int64_t j = 0; j < hidden; ++j) ld[(b0 + b) * hidden + j] = ht[j * w + b];
+  };
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && nb >= 16) {
+    const int64_t chunk = ((nb + threads - 1) / threads + 7) / 8 * 8;
+    at::parallel_for(0, (nb + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) run(c * chunk, std::min(nb, (c + 1) * chunk));
+    });
+  } else {
+    run(0, nb);
+  }
+  return {out, last};
+}
