@@ -434,9 +434,9 @@ def test_measured_choice_reports_each_layer_and_keeps_unreached_layers_dense(bui
 @pytest.mark.parametrize("seconds,rounds", [(0.0, MEASURE_ROUNDS[0]), (1e9, MEASURE_ROUNDS[1])])
 def test_measured_choice_takes_more_rounds_until_enough_time_has_passed(built, monkeypatch, seconds, rounds):
     # a slow layer stops after the fewest rounds; a fast one goes on (up to the most) until the time is spent
-    from sparsediff.sparse import runtime
+    from sparsediff.sparse.runtime import planner
 
-    monkeypatch.setattr(runtime, "MEASURE_SECONDS", seconds)
+    monkeypatch.setattr(planner, "MEASURE_SECONDS", seconds)
     calls = []
     forward = SparseLinear.forward
     monkeypatch.setattr(SparseLinear, "forward", lambda self, x: calls.append(x) or forward(self, x))

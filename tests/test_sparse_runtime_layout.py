@@ -1,4 +1,4 @@
-"""How the sparse runtime is put together: the kernels' build and operators."""
+"""How the sparse runtime is put together: the kernels' build and operators, and the planner's table."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from helpers import PYTHON, python_env
 from sparsediff.sparse.native import build, ops
+from sparsediff.sparse.runtime import MAX_DENSITY, SparseLinear, planner, sparse_layers, to_sparse_inference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,3 +114,53 @@ def test_loading_the_kernels_says_nothing_about_cuda(tmp_path):
     assert "No CUDA runtime is found" in said("import torch.utils.cpp_extension")  # it would, here
     quiet = said("from sparsediff.sparse.native import build; build._cpp_extension(); print('imported')")
     assert "imported" in quiet and "No CUDA runtime is found" not in quiet
+
+
+class _Doubled(nn.Linear):
+    """A linear with a forward of its own: no built-in kind converts it."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _SparseDoubled(nn.Module):
+    def __init__(self, inner: SparseLinear):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return 2 * self.inner(x)
+
+
+def test_a_registered_layer_kind_is_converted_by_its_own_limit_and_listed(built):
+    torch.manual_seed(0)
+    model = nn.Sequential(_Doubled(64, 32), nn.GELU(), nn.Linear(32, 8))
+    mask = torch.zeros(32, 64, dtype=torch.bool)
+    mask.view(-1)[torch.randperm(mask.numel())[: int(0.45 * mask.numel())]] = True  # above linears' 0.4
+    with torch.no_grad():
+        model[0].weight.mul_(mask)
+    assert sparse_layers(to_sparse_inference(model)) == []  # the dense head and no kind for _Doubled
+    kind = planner.LayerKind(
+        "doubled",
+        0.5,
+        accepts=lambda m: type(m) is _Doubled,
+        weights=lambda m: ["weight"],
+        convert=lambda m, active: _SparseDoubled(SparseLinear(m.weight, m.bias, active["weight"])),
+        layer=_SparseDoubled,
+    )
+    planner.register(kind)
+    try:
+        assert MAX_DENSITY["doubled"] == 0.5
+        report: dict = {}
+        fast = to_sparse_inference(model, report=report)
+        assert isinstance(fast[0], _SparseDoubled) and sparse_layers(fast) == ["0", "0.inner"]
+        assert report["0"] == {"density": pytest.approx(0.45, abs=1e-3), "sparse": True}
+        x = torch.randn(5, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fast[0](x), 2 * F.linear(x, model[0].weight, model[0].bias))
+        assert sparse_layers(to_sparse_inference(model, max_density=0.4)) == []  # one limit for all kinds
+    finally:
+        planner.KINDS.pop("doubled")
+        MAX_DENSITY.pop("doubled")
+    assert sparse_layers(fast) == ["0.inner"]  # no longer a kind: only its inner SparseLinear is listed

@@ -7,9 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..native import native_for
-from .csr import NO_BIAS, CompressedLayer, from_csr, to_csr
-
-PARALLEL_GRAIN = 1 << 18  # multiply-adds below which a call runs on one thread
+from .matrix import NO_BIAS, PARALLEL_GRAIN, Buffers, MatrixLayer, masked_weight, own_bias
 
 
 def convertible(conv: nn.Module) -> bool:
@@ -24,34 +22,28 @@ def convertible(conv: nn.Module) -> bool:
     )
 
 
-class SparseConv(CompressedLayer):
+class SparseConv(MatrixLayer):
     """A ``Conv1d``/``Conv2d`` (stride 1, groups 1) whose sparse kernel is stored by output channel (CSR).
 
     float32 CPU inputs go through the native direct sparse convolution; anything else (other dtypes, CUDA,
     autograd, no kernels) through ``F.conv1d``/``F.conv2d`` with the rebuilt dense weight.
     """
 
+    names = Buffers(cols="taps")  # a non-zero's column is its tap code (as the state dict has it)
+
     def __init__(self, conv: nn.Conv1d | nn.Conv2d, mask: torch.Tensor | None = None):
         super().__init__()
         if not convertible(conv):
             raise ValueError(f"SparseConv supports stride 1, groups 1, zero padding; got {conv}")
-        w = conv.weight.detach().to(torch.float32, copy=True).cpu()
-        if mask is not None:
-            w = w * mask.to(w.dtype).cpu()
+        w = masked_weight(conv.weight, mask)
         self.dims = w.dim() - 2  # 1 or 2
-        self.weight_shape = tuple(w.shape)
         w2 = w if self.dims == 2 else w.unsqueeze(2)  # (O, C, KH, KW)
         self.out_channels, self.in_channels, self.kh, self.kw = w2.shape
         pad, dil = tuple(conv.padding), tuple(conv.dilation)
         self.ph, self.pw = pad if self.dims == 2 else (0, pad[0])
         self.dh, self.dw = dil if self.dims == 2 else (1, dil[0])
-        flat = w2.reshape(self.out_channels, -1)  # column = c * KH * KW + ky * KW + kx
-        row_ptr, taps, values = to_csr(flat)
-        self.register_buffer("row_ptr", row_ptr)
-        self.register_buffer("taps", taps)
-        self.register_buffer("values", values)
-        b = conv.bias
-        self.register_buffer("bias", None if b is None else b.detach().to(torch.float32).cpu().clone())
+        self.compress(w)  # a row per output channel; column (its tap code) = c * KH * KW + ky * KW + kx
+        self.register_buffer("bias", own_bias(conv.bias))
         self._offsets: dict[tuple[int, int], torch.Tensor] = {}
 
     def offsets(self, height: int, width: int) -> torch.Tensor:
@@ -74,14 +66,6 @@ class SparseConv(CompressedLayer):
     def forget(self) -> None:
         super().forget()
         self._offsets.clear()
-
-    @property
-    def density(self) -> float:
-        return self.values.numel() / max(1, self.out_channels * self.in_channels * self.kh * self.kw)
-
-    def rebuild_weight(self) -> torch.Tensor:
-        columns = self.in_channels * self.kh * self.kw
-        return from_csr(self.row_ptr, self.taps, self.values, columns).reshape(self.weight_shape)
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dense_weight().to(x.device, x.dtype)

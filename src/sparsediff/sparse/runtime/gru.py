@@ -7,11 +7,16 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ..native import native_for
-from .csr import NO_BIAS, from_csr, to_csr
 from .linear import SparseLinear
+from .matrix import NO_BIAS, Buffers, CompressedLayer, CompressedMatrix, masked_weight, own_bias
 
 
-class SparseGRU(nn.Module):
+def _suffix(layer: int, reverse: bool) -> str:
+    """nn.GRU's parameter suffix of a layer and direction: ``_l0``, ``_l0_reverse``, ..."""
+    return f"_l{layer}" + ("_reverse" if reverse else "")
+
+
+class SparseGRU(CompressedLayer):
     """An ``nn.GRU`` (any layers, directions, ``batch_first``) on compressed weights; same inputs and outputs.
 
     For every layer and direction the input projections of all time steps are one :class:`SparseLinear`
@@ -29,67 +34,52 @@ class SparseGRU(nn.Module):
         self.batch_first, self.bidirectional, self.has_bias = gru.batch_first, gru.bidirectional, gru.bias
         self.directions = 2 if gru.bidirectional else 1
         self.inputs = nn.ModuleList()
+        self._hh_names: list[tuple[Buffers, str]] = []  # per layer and direction: W_hh's buffers, b_hh's
         for layer in range(self.num_layers):
             for d in range(self.directions):
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
-                w_ih = self._masked(gru, masks, f"weight_ih{sfx}")
-                w_hh = self._masked(gru, masks, f"weight_hh{sfx}")
+                sfx = _suffix(layer, bool(d))
+                w_ih = masked_weight(getattr(gru, f"weight_ih{sfx}"), masks.get(f"weight_ih{sfx}"))
+                w_hh = masked_weight(getattr(gru, f"weight_hh{sfx}"), masks.get(f"weight_hh{sfx}"))
                 b_ih = getattr(gru, f"bias_ih{sfx}") if gru.bias else None
                 b_hh = getattr(gru, f"bias_hh{sfx}") if gru.bias else None
                 self.inputs.append(SparseLinear(w_ih, b_ih))
-                row_ptr, cols, values = to_csr(w_hh)
-                self.register_buffer(f"hh_row_ptr{sfx}", row_ptr)
-                self.register_buffer(f"hh_cols{sfx}", cols)
-                self.register_buffer(f"hh_values{sfx}", values)
-                self.register_buffer(
-                    f"hh_bias{sfx}", None if b_hh is None else b_hh.detach().float().cpu().clone()
-                )
-        self._dense: nn.GRU | None = None
+                self._hh_names.append((Buffers.named("hh_", sfx), f"hh_bias{sfx}"))
+                CompressedMatrix.from_dense(w_hh).hold(self, self._hh_names[-1][0])
+                self.register_buffer(self._hh_names[-1][1], own_bias(b_hh))
 
-    @staticmethod
-    def _masked(gru: nn.GRU, masks: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        w = getattr(gru, name).detach().float().cpu()
-        mask = masks.get(name)
-        return w if mask is None else w * mask.to(w.dtype).cpu()
+    def _hh(self, idx: int) -> tuple[CompressedMatrix, torch.Tensor | None]:
+        """The hidden-to-hidden matrix of layer and direction ``idx`` (layer * directions + direction) and
+        its bias."""
+        names, bias = self._hh_names[idx]
+        return CompressedMatrix.held_by(self, names, self.hidden_size), self._buffers[bias]
 
-    def _hh(self, sfx: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return (
-            getattr(self, f"hh_row_ptr{sfx}"),
-            getattr(self, f"hh_cols{sfx}"),
-            getattr(self, f"hh_values{sfx}"),
-            getattr(self, f"hh_bias{sfx}"),
+    def rebuild_dense(self) -> nn.GRU:
+        """An ``nn.GRU`` with the masked dense weights (the fallback path)."""
+        gru = nn.GRU(
+            self.input_size,
+            self.hidden_size,
+            self.num_layers,
+            bias=self.has_bias,
+            batch_first=self.batch_first,
+            bidirectional=self.bidirectional,
         )
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._dense = None  # rebuilt from the loaded weights when next needed
+        with torch.no_grad():
+            i = 0
+            for layer in range(self.num_layers):
+                for d in range(self.directions):
+                    sfx = _suffix(layer, bool(d))
+                    hh, b_hh = self._hh(i)
+                    getattr(gru, f"weight_ih{sfx}").copy_(self.inputs[i].dense_weight())
+                    getattr(gru, f"weight_hh{sfx}").copy_(hh.to_dense())
+                    if self.has_bias:
+                        getattr(gru, f"bias_ih{sfx}").copy_(self.inputs[i].bias)
+                        getattr(gru, f"bias_hh{sfx}").copy_(b_hh)
+                    i += 1
+        return gru.eval()
 
     def dense_gru(self) -> nn.GRU:
-        """An ``nn.GRU`` with the masked dense weights (the fallback path; cached)."""
-        if self._dense is None:
-            gru = nn.GRU(
-                self.input_size,
-                self.hidden_size,
-                self.num_layers,
-                bias=self.has_bias,
-                batch_first=self.batch_first,
-                bidirectional=self.bidirectional,
-            )
-            with torch.no_grad():
-                i = 0
-                for layer in range(self.num_layers):
-                    for d in range(self.directions):
-                        sfx = f"_l{layer}" + ("_reverse" if d else "")
-                        getattr(gru, f"weight_ih{sfx}").copy_(self.inputs[i].dense_weight())
-                        row_ptr, cols, values, b_hh = self._hh(sfx)
-                        w_hh = from_csr(row_ptr, cols, values, self.hidden_size)
-                        getattr(gru, f"weight_hh{sfx}").copy_(w_hh)
-                        if self.has_bias:
-                            getattr(gru, f"bias_ih{sfx}").copy_(self.inputs[i].bias)
-                            getattr(gru, f"bias_hh{sfx}").copy_(b_hh)
-                        i += 1
-            self._dense = gru.eval()
-        return self._dense
+        """The ``nn.GRU`` of :meth:`rebuild_dense`, cached."""
+        return self.dense()
 
     def forward(self, x, h0: torch.Tensor | None = None):
         """Same as ``nn.GRU.forward``: ``x`` (batched, unbatched or a ``PackedSequence``) -> ``(output, h_n)``."""
@@ -119,16 +109,18 @@ class SparseGRU(nn.Module):
             h0 = h0.unsqueeze(1)
         finals = []
         inp = seq
+        buf = self._buffers  # not nn.Module's attribute lookup: about 0.5 us per buffer
         for layer in range(self.num_layers):
             outs = []
             for d in range(self.directions):
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
                 idx = layer * self.directions + d
                 # (3H, T, B): the batch last, for the native loop, straight from the SpMM
                 gi_t = self.inputs[idx].transposed_rows(inp.reshape(steps * batch, -1)).view(-1, steps, batch)
-                row_ptr, cols, values, b_hh = self._hh(sfx)
-                bias = NO_BIAS if b_hh is None else b_hh
-                out, last = mod.gru_recurrence(gi_t, row_ptr, cols, values, bias, h0[idx], lengths, bool(d))
+                hh, bias_name = self._hh_names[idx]
+                bias = NO_BIAS if buf[bias_name] is None else buf[bias_name]
+                out, last = mod.gru_recurrence(
+                    gi_t, buf[hh.row_ptr], buf[hh.cols], buf[hh.values], bias, h0[idx], lengths, bool(d)
+                )
                 outs.append(out.transpose(1, 2))  # (T, B, H)
                 finals.append(last)
             inp = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)

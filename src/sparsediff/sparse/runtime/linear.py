@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..native import native_for
-from .csr import NO_BIAS, CompressedLayer, from_csr, to_csr
+from .matrix import NO_BIAS, PARALLEL_GRAIN, MatrixLayer, masked_weight, own_bias
 
 
 def panel_width(in_features: int) -> int:
@@ -16,11 +16,7 @@ def panel_width(in_features: int) -> int:
     return min(in_features, 128)
 
 
-# Multiply-adds below which a call runs on one thread (starting threads costs more than it saves).
-PARALLEL_GRAIN = 1 << 18
-
-
-class SparseLinear(CompressedLayer):
+class SparseLinear(MatrixLayer):
     """``nn.Linear`` with a sparse weight stored row by row (CSR): the same output, fewer multiply-adds.
 
     Only the active weights are kept: ``values``, ``cols`` (relative to their column panel)
@@ -31,35 +27,10 @@ class SparseLinear(CompressedLayer):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None = None):
         super().__init__()
-        w = weight.detach().to(torch.float32, copy=True).cpu()
-        if mask is not None:
-            w = w * mask.to(w.dtype).cpu()
+        w = masked_weight(weight, mask)
         self.out_features, self.in_features = w.shape
-        self.panel = max(1, panel_width(self.in_features))
-        panels = max(1, -(-self.in_features // self.panel))
-        parts, base = [], 0
-        for p in range(panels):  # panel by panel, row by row: the kernel's traversal order
-            parts.append(to_csr(w[:, p * self.panel : (p + 1) * self.panel], base))
-            base = int(parts[-1][0][-1])
-        self.register_buffer("row_ptr", torch.stack([ptr for ptr, _, _ in parts]))
-        self.register_buffer("cols", torch.cat([cols for _, cols, _ in parts]))
-        self.register_buffer("values", torch.cat([values for _, _, values in parts]))
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).cpu().clone())
-
-    @property
-    def nnz(self) -> int:
-        return int(self.values.numel())
-
-    @property
-    def density(self) -> float:
-        return self.nnz / max(1, self.out_features * self.in_features)
-
-    def rebuild_weight(self) -> torch.Tensor:
-        w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32)
-        for p, ptr in enumerate(self.row_ptr):
-            part = w[:, p * self.panel : (p + 1) * self.panel]
-            part.copy_(from_csr(ptr, self.cols, self.values, part.shape[1]))
-        return w
+        self.compress(w, panel=max(1, panel_width(self.in_features)))
+        self.register_buffer("bias", own_bias(bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mod = native_for(x)
