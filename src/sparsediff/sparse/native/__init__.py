@@ -16,7 +16,8 @@ Where things go: a kernel's backward sits next to its forward, in the same ``.cp
 ``<kernel>_backward.cpp`` beside it (``spmm_backward.cpp``, ...), sharing ``tiles.h``; it is bound in
 ``bindings.cpp`` and declared once in ``ops.py`` like every kernel, where the forward operator's
 ``register_autograd`` also goes. A new ``.cpp`` here is compiled, and every ``.cpp`` and ``.h`` is part of
-the build's hash, with no further step. The trainable layers that call these kernels go to ``sparse/runtime/``, next to the inference ones.
+the build's hash, with no further step. The trainable layers that call these kernels go to
+``sparse/runtime/``, next to the inference ones.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def from_csr(row_ptr: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, co
 
 
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """A float32 CPU copy of ``weight``, zero where ``mask`` (when given) is False: what a layer compresses."""
+    """A float32 CPU copy of ``weight``, zero where ``mask`` (if given) is False: what a layer compresses."""
     w = weight.detach().to(torch.float32, copy=True).cpu()
     return w if mask is None else w * mask.to(w.dtype).cpu()
 
