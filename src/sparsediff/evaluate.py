@@ -96,7 +96,7 @@ def evaluate_run(
         "run": str(run_dir),
         "preset": cfg.name,
         "method": cfg.sparse.method,
-        "sparsity": cfg.sparse.sparsity if cfg.sparse.method not in ("dense",) else 0.0,
+        "sparsity": cfg.sparse.sparsity if cfg.sparse.sparse_method.masked else 0.0,
         fid["metric"]: fid["value"],
         "fid": fid,
         "num_samples": num,

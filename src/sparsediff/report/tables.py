@@ -16,6 +16,7 @@ from ..config import flatten
 from ..errors import ConfigError
 from ..export.common import format_bytes
 from ..run import RunDir
+from ..sparse.methods import is_dense
 from ..sweep.plan import GRID_KEYS
 from .plots import plot_fid_vs_sparsity, plot_fid_vs_train_flops, plot_sample_grids
 from .records import Group, RunRecord, find_runs, group_runs, load_run, mean_std, ratio, unique
@@ -138,14 +139,14 @@ def write_csv(records: Sequence[RunRecord], path: Path) -> Path:
 
 
 def _table(groups: Sequence[Group], metric: str | None) -> list[str]:
-    dense = next((g for g in groups if g.method == "dense"), None)
+    dense = next((g for g in groups if is_dense(g.method)), None)
     dense_fid = mean_std(dense.fids(metric))[0] if dense and dense.fids(metric) else None
     dense_time = dense.mean(lambda r: r.train_seconds) if dense else None
     dense_ckpt = dense.mean(lambda r: r.checkpoint_bytes) if dense else None
     dense_model = dense.mean(lambda r: r.model_bytes) if dense else None
     best: dict[float, float] = {}
     for g in groups:
-        if g.method != "dense" and g.fids(metric):
+        if not is_dense(g.method) and g.fids(metric):
             m = mean_std(g.fids(metric))[0]
             best[g.sparsity] = min(best.get(g.sparsity, math.inf), m)
     lines = [
@@ -157,22 +158,24 @@ def _table(groups: Sequence[Group], metric: str | None) -> list[str]:
     for g in groups:
         fids = g.fids(metric)
         fid_text = _fmt_fid(fids)
-        rivals = sum(1 for x in groups if x.method != "dense" and x.sparsity == g.sparsity and x.fids(metric))
-        if g.method != "dense" and fids and rivals > 1 and mean_std(fids)[0] == best[g.sparsity]:
+        rivals = sum(
+            1 for x in groups if not is_dense(x.method) and x.sparsity == g.sparsity and x.fids(metric)
+        )
+        if not is_dense(g.method) and fids and rivals > 1 and mean_std(fids)[0] == best[g.sparsity]:
             fid_text = f"**{fid_text}**"
         delta = (
             ""
-            if g.method == "dense" or not fids or dense_fid is None
+            if is_dense(g.method) or not fids or dense_fid is None
             else f"{mean_std(fids)[0] - dense_fid:+.2f}"
         )
         nonzero = g.mean(lambda r: r.get("params_nonzero"))
         time_mean = g.mean(lambda r: r.train_seconds)
-        time_ratio = ratio(time_mean, dense_time) if g.method != "dense" else None
+        time_ratio = ratio(time_mean, dense_time) if not is_dense(g.method) else None
         n_fid = len(fids)
         seeds = f"{len(g.runs)}" + (f" ({n_fid} eval)" if n_fid != len(g.runs) else "")
         cells = [
             g.series.split(" ")[0],
-            "0" if g.method == "dense" else f"{g.sparsity:g}",
+            "0" if is_dense(g.method) else f"{g.sparsity:g}",
             "" if g.prune_ratio is None else f"{g.prune_ratio:g}",
             seeds,
             fid_text,
@@ -181,8 +184,8 @@ def _table(groups: Sequence[Group], metric: str | None) -> list[str]:
             _fmt_x(g.mean(lambda r: r.inference_ratio)),
             _fmt_x(g.mean(lambda r: r.train_flops_ratio)),
             _fmt_duration(time_mean) + (f" ({_fmt_x(time_ratio)})" if time_ratio is not None else ""),
-            _fmt_bytes(g.mean(lambda r: r.checkpoint_bytes), dense_ckpt, g.method == "dense"),
-            _fmt_bytes(g.mean(lambda r: r.model_bytes), dense_model, g.method == "dense"),
+            _fmt_bytes(g.mean(lambda r: r.checkpoint_bytes), dense_ckpt, is_dense(g.method)),
+            _fmt_bytes(g.mean(lambda r: r.model_bytes), dense_model, is_dense(g.method)),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

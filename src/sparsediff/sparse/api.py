@@ -11,13 +11,17 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import Engine
+from .engine import SparseEngine
 from .methods import NM_FIELDS, get_method, method_names
 from .nm import parse_progressive
+from .nm_engine import NMSparseEngine
 from .schedule import resolve_end_step
 from .spec import SPARSIFY_DEFAULTS, SparseSpec
 from .targets import as_list
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(SparseSpec))
+# The engine of each family of methods (a method says its family: methods.SparseMethod.family).
+ENGINES: dict[str, type[Engine]] = {cls.FAMILY: cls for cls in (SparseEngine, NMSparseEngine)}
 
 
 def sparsify(
@@ -109,7 +113,7 @@ def sparsify(
             trainers = " / ".join(repr(m) for m in method_names(structured=True, has_engine=True))
             raise ConfigError(f"{', '.join(extra)} apply to method={trainers} only, not {method.name!r}")
     resolved = resolve_spec(base.replace(**given), total_steps)
-    engine_cls = method.engine_class()
+    engine_cls = ENGINES[method.family]
     if method.structured:
         if masks is not None:
             raise ConfigError("masks= is for unstructured methods: N:M masks follow the weights themselves")

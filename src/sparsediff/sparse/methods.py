@@ -75,18 +75,6 @@ class SparseMethod:
         """The method whose engine holds this method's masks in a trained model (itself, when it has one)."""
         return self.name
 
-    def engine_class(self) -> type:
-        """The :class:`~sparsediff.sparse.base.Engine` subclass that implements this method."""
-        if not self.has_engine:
-            raise ConfigError(f"method {self.name!r} has no engine")
-        if self.structured:
-            from .nm_engine import NMSparseEngine
-
-            return NMSparseEngine
-        from .engine import SparseEngine
-
-        return SparseEngine
-
     def __repr__(self) -> str:
         return f"<sparse method {self.name}>"
 
