@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, StateError
+from .counts import parameter_counts
 from .integrations import EMATargets, hook_accelerator
 from .methods import SCHEDULE_FIELDS, get_method, method_names
 from .spec import SparseSpec
@@ -289,16 +290,19 @@ class Engine(abc.ABC):
             layers.append(
                 LayerReport(name, tuple(p.shape), numel, active, nonzero, budgets[name], active / numel)
             )
-        params_total = sum(p.numel() for p in self.model.parameters())
-        target_total = sum(layer.numel for layer in layers)
-        target_nonzero = sum(layer.active for layer in layers)
+        counts = parameter_counts(self._counted_parameters(), masks)  # the one definition (counts.py)
         return self._make_report(
             layers=layers,
-            params_total=params_total,
-            params_nonzero=params_total - target_total + target_nonzero,
-            target_total=target_total,
-            target_nonzero=target_nonzero,
+            params_total=counts.total,
+            params_nonzero=counts.nonzero,
+            target_total=counts.target_total,
+            target_nonzero=counts.target_nonzero,
         )
+
+    def _counted_parameters(self) -> Any:
+        """What :meth:`report` counts: the model's parameters (an engine that holds its weights in another
+        form gives their dense-equivalent shapes)."""
+        return self.model
 
     @abc.abstractmethod
     def check_invariants(self) -> list[str]:
