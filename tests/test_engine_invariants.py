@@ -112,10 +112,9 @@ def test_drop_and_grow_match_an_independent_reference(rows, cols, sparsity, k_fr
         layer.weight.copy_(torch.randn(rows, cols) * active)  # distinct magnitudes, almost surely
     grad = torch.rand(rows, cols) if method == "rigl" else None
 
-    idx = active.reshape(-1).nonzero().squeeze(1)
-    magnitude = layer.weight.detach().reshape(-1)[idx].abs()
+    magnitude = layer.weight.detach().reshape(-1).abs()
     score = get_method(method).grow_score(rows * cols, grad, seed, torch.device("cpu"))
-    new = drop_and_grow(idx, magnitude, score, k).view(rows, cols)
+    new = drop_and_grow(active.reshape(-1), magnitude, score, k).view(rows, cols)
 
     # independent reference for the kept set
     flat_w, flat_a = layer.weight.detach().abs().reshape(-1), active.reshape(-1)

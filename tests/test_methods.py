@@ -21,6 +21,7 @@ from sparsediff.sparse.flops import training_flops_per_step
 from sparsediff.sparse.methods import REGISTRY, get_method, is_dense, method_names
 from sparsediff.sparse.nm import has_nm_hooks, remove_nm_hooks
 from sparsediff.sparse.spec import DYNAMIC_METHODS, ENGINE_METHODS, METHODS, NM_METHODS, UNSTRUCTURED_METHODS
+from sparsediff.sparse.topology import largest_k as largest_k_positions
 
 SPARSE_DIR = Path(sparsediff.__file__).parent / "sparse"
 
@@ -200,3 +201,22 @@ def test_an_update_that_would_move_nothing_is_no_update():
     assert all(f > 0 for _, f in fractions)
     assert eng.schedule.drop_fraction(15) == 0.0 and not eng.schedule.is_update_step(15)
     assert math.isclose(fractions[0][1], 0.15 * (1 + math.cos(math.pi / 3)))
+
+
+# ---------------------------------------------------------------- drop and grow choose by position on ties
+
+
+@pytest.mark.parametrize("n", [10, 2_000_000])
+def test_largest_k_breaks_ties_towards_the_lower_position(n):
+    scores = torch.zeros(n)
+    scores[n // 2] = 2.0
+    scores[n - 1] = 1.0
+    got = largest_k_positions(scores, 5)
+    assert got.tolist() == [0, 1, 2, n // 2, n - 1]  # the two largest, then ties by position
+    shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(0)).float()
+    assert torch.equal(largest_k_positions(shuffled, 7), torch.topk(shuffled, 7).indices.sort().values)
+    assert largest_k_positions(scores, 0).numel() == 0 and largest_k_positions(scores[:3], 5).tolist() == [
+        0,
+        1,
+        2,
+    ]

@@ -320,9 +320,9 @@ class SparseEngine(Engine):
             if budget >= p.numel() or k == 0:
                 new[name] = active
                 continue
-            idx = active.reshape(-1).nonzero().squeeze(1)
-            magnitude = p.detach().reshape(-1)[idx].abs()
-            new[name] = drop_and_grow(idx, magnitude, self._grow_score(name, p, step), k).view(p.shape)
+            magnitude = p.detach().reshape(-1).abs()
+            score = self._grow_score(name, p, step)
+            new[name] = drop_and_grow(active.reshape(-1), magnitude, score, k).view(p.shape)
             stats.dropped += k
             stats.grown += k
         if stats.dropped == 0:  # no layer large enough to move a weight: no update happened
