@@ -13,6 +13,10 @@
 torch::Tensor spmm_linear(torch::Tensor x, torch::Tensor row_ptr, torch::Tensor cols, torch::Tensor values,
                           torch::Tensor bias, int64_t panel, int64_t grain, bool transposed);
 
+// The gradient of W's kept values for y = x @ W^T, (dy^T x) at W's non-zeros, in W's order (spmm_backward.cpp).
+torch::Tensor sddmm_linear(torch::Tensor dy, torch::Tensor x, torch::Tensor row_ptr, torch::Tensor cols, int64_t panel,
+                           int64_t grain);
+
 // Direct sparse convolution, stride 1, zero padding, groups 1 (conv.cpp).
 torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor row_ptr, torch::Tensor taps, torch::Tensor offsets,
                             torch::Tensor values, torch::Tensor bias, int64_t kh, int64_t kw, int64_t ph, int64_t pw,

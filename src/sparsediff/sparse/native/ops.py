@@ -75,6 +75,12 @@ def spmm_linear(
 
 
 @operator
+def sddmm_linear(dy: Tensor, x: Tensor, row_ptr: Tensor, cols: Tensor, panel: int, grain: int) -> Tensor:
+    """``(dy^T x)`` at a sparse linear's non-zeros, its values' gradient: shape (nnz,) (spmm_backward.cpp)."""
+    return dy.new_empty((cols.shape[0],))
+
+
+@operator
 def sparse_conv2d(
     x: Tensor,
     row_ptr: Tensor,
