@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import Engine
+from .compact_engine import CompactEngine
 from .engine import SparseEngine
 from .methods import NM_FIELDS, get_method, method_names
 from .nm import parse_progressive
@@ -34,6 +35,7 @@ def sparsify(
     accelerator: Any | None = None,
     ema: Any | None = None,
     override_schedule: bool = False,
+    grad_accum: int | None = None,
     **fields: Any,
 ) -> Engine:
     """Make ``model`` sparse from now on and return the engine that keeps it so.
@@ -53,7 +55,12 @@ def sparsify(
             dense-gradient magnitude), ``"magran"`` (drop by magnitude, grow at random), all giving a
             :class:`SparseEngine`, or ``"srste"`` (N:M masks recomputed every forward pass, SR-STE
             gradients: an :class:`NMSparseEngine`; ``nm``, ``srste_lambda``, ``progressive``,
-            ``nm_incompatible``, ``include`` and ``exclude`` apply to it).
+            ``nm_incompatible``, ``include`` and ``exclude`` apply to it). ``backend="sparse"`` (static,
+            rigl, magran) trains compact layers instead of masked dense tensors: a
+            :class:`~sparsediff.sparse.compact_engine.CompactEngine`, which replaces the target layers of
+            ``model`` in place and points ``optimizer`` at their compact parameters (build the optimiser on
+            ``model.parameters()`` just before; call ``sparsify`` before ``accelerator.prepare`` or a DDP
+            wrapper). ``kernels`` chooses each compact layer's kernels (``"auto"``, ``"measure"``).
         total_steps: training length; RigL and MagRan stop updating at ``end_fraction * total_steps``
             unless ``end_step`` is given (``end_step="never"`` keeps updating, with constant decay).
         masks: initial masks instead of random ones (static, RigL, MagRan): ``"weights"`` keeps the
@@ -67,6 +74,9 @@ def sparsify(
         ema: an EMA copy of the model (diffusers' ``EMAModel(model.parameters())``, torch's
             ``AveragedModel``, an ``nn.Module`` copy) to keep exactly as sparse as the model
             (:meth:`Engine.attach_ema`).
+        grad_accum: with ``backend="sparse"`` and RigL: backward passes per optimiser step (gradient
+            accumulation), whose dense gradients an update step sums before choosing what to grow (default:
+            the accelerator's ``gradient_accumulation_steps``, else 1).
         override_schedule: when the engine's state is loaded later (a resumed run), use the update
             schedule given here instead of the saved one (by default the saved one is kept, and a
             difference is reported with a warning).
@@ -113,13 +123,18 @@ def sparsify(
             trainers = " / ".join(repr(m) for m in method_names(structured=True, has_engine=True))
             raise ConfigError(f"{', '.join(extra)} apply to method={trainers} only, not {method.name!r}")
     resolved = resolve_spec(base.replace(**given), total_steps)
-    engine_cls = ENGINES[method.family]
     if method.structured:
         if masks is not None:
             raise ConfigError("masks= is for unstructured methods: N:M masks follow the weights themselves")
-        engine = engine_cls(model, optimizer, resolved)
+        engine = ENGINES[method.family](model, optimizer, resolved)
+    elif resolved.backend == "sparse":
+        if grad_accum is None and accelerator is not None:
+            grad_accum = int(getattr(accelerator, "gradient_accumulation_steps", 1) or 1)
+        engine = CompactEngine(
+            model, optimizer, resolved, masks=masks, kernels=resolved.kernels, grad_accum=grad_accum or 1
+        )
     else:
-        engine = engine_cls(model, optimizer, resolved, masks=masks)
+        engine = ENGINES[method.family](model, optimizer, resolved, masks=masks)
     engine.override_schedule = bool(override_schedule)
     return _integrate(engine, accelerator, ema)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -283,13 +284,11 @@ class Engine(abc.ABC):
         masks, budgets = self.masks, self.budgets
         layers = []
         for name in self.names:
-            p, mask = self._params[name], masks[name]
+            shape, mask = self._shapes[name], masks[name]
             active = int(mask.count_nonzero())
             nonzero = int(torch.count_nonzero(self._effective_weight(name, mask)))
-            numel = p.numel()
-            layers.append(
-                LayerReport(name, tuple(p.shape), numel, active, nonzero, budgets[name], active / numel)
-            )
+            numel = math.prod(shape)
+            layers.append(LayerReport(name, shape, numel, active, nonzero, budgets[name], active / numel))
         counts = parameter_counts(self._counted_parameters(), masks)  # the one definition (counts.py)
         return self._make_report(
             layers=layers,

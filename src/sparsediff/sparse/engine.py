@@ -81,20 +81,9 @@ class SparseEngine(Engine):
         masks: str | Mapping[str, torch.Tensor] | None = None,
     ):
         super().__init__(model, optimizer, spec)
-        targets = self._select_targets()
-        self.names = [n for n, _ in targets]
-        self._params = dict(targets)
-        self._shapes = {n: tuple(p.shape) for n, p in targets}
-        sparsity = spec.sparsity if self.method.masked else 0.0
-        self._densities = layer_densities(self._shapes, sparsity, spec.distribution, spec.erk_power)
-        self._budgets = layer_budgets(self._shapes, self._densities, sparsity)
-        self.schedule = self._make_schedule()
-        self.last_update = UpdateStats()
-        self.stats["sync_mismatch"] = 0
+        self._setup_targets()
         self._grads_masked = False
         self._dense_grads: dict[str, torch.Tensor] | None = None
-        self._bool_cache: dict[str, torch.Tensor] | None = None
-        self._check_optimizer("a sparsification target")
 
         # Masks are kept in the weight's dtype: multiplying by a float mask is several times faster than
         # by a bool one, and the hot path (two multiplies per step) is all the engine costs between updates.
@@ -114,6 +103,22 @@ class SparseEngine(Engine):
         if self.optimizer is not None and self.method.masked:
             self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step_hook))
             self._hooks.append(self.optimizer.register_step_post_hook(self._post_step_hook))
+
+    def _setup_targets(self) -> None:
+        """The targets, their budgets and the update schedule (what every unstructured engine has)."""
+        spec = self.spec
+        targets = self._select_targets()
+        self.names = [n for n, _ in targets]
+        self._params = dict(targets)
+        self._shapes = {n: tuple(p.shape) for n, p in targets}
+        sparsity = spec.sparsity if self.method.masked else 0.0
+        self._densities = layer_densities(self._shapes, sparsity, spec.distribution, spec.erk_power)
+        self._budgets = layer_budgets(self._shapes, self._densities, sparsity)
+        self.schedule = self._make_schedule()
+        self.last_update = UpdateStats()
+        self.stats["sync_mismatch"] = 0
+        self._bool_cache: dict[str, torch.Tensor] | None = None
+        self._check_optimizer("a sparsification target")
 
     def _make_schedule(self) -> UpdateSchedule | None:
         s = self.spec

@@ -31,6 +31,14 @@ from .methods import REGISTRY, SparseMethod, get_method, method_names
 from .nm import DEFAULT_NM, DEFAULT_SRSTE_LAMBDA, check_policy, parse_nm, parse_progressive
 from .schedule import DECAYS, NEVER
 
+BACKENDS = ("dense", "sparse")  # how sparse weights train: masked dense tensors, or compact ones
+POLICIES = (
+    "auto",
+    "measure",
+    "sparse",
+    "dense",
+)  # how a compact layer chooses its kernels (runtime/choose.py)
+
 # Views of the method registry (sparse/methods.py), for choices and help texts.
 METHODS = tuple(REGISTRY)
 UNSTRUCTURED_METHODS = method_names(structured=False)
@@ -59,6 +67,11 @@ class SparseSpec:
         seed: seeds the initial masks and MagRan's growth.
         erk_power: exponent on the ER/ERK raw densities (1.0 is the published rule; 0 gives uniform).
         rescale_init: divide the active initial weights by ``sqrt(density)`` (keeps the output variance).
+        backend: how the sparse weights train: ``dense`` (a dense tensor times a mask, torch's kernels) or
+            ``sparse`` (compact layers: the non-zeros only, on sparse kernels; static, rigl and magran).
+        kernels: with ``backend: sparse``, how each layer chooses sparse or dense kernels: ``auto`` (a
+            density rule), ``measure`` (a timed forward and backward at its first call), ``sparse`` or
+            ``dense``.
         nm: the N:M pattern (``srste`` without ``progressive``, and ``oneshot``).
         srste_lambda: SR-STE decay of the pruned weights in the backward pass (0 is the plain STE).
         progressive: N:M schedule ``["7:8@0", "4:8@1000", "2:4@2000"]``; when set, ``nm`` is not used
@@ -80,6 +93,8 @@ class SparseSpec:
     seed: int = 0
     erk_power: float = 1.0
     rescale_init: bool = False
+    backend: str = "dense"
+    kernels: str = "auto"
     # N:M sparsity (methods srste, oneshot)
     nm: str = DEFAULT_NM
     srste_lambda: float = DEFAULT_SRSTE_LAMBDA
@@ -167,6 +182,12 @@ class SparseSpec:
             ):
                 fail("srste_lambda", f"srste_lambda must be a finite number >= 0, got {lam!r}")
             check("nm_incompatible", check_policy, self.nm_incompatible)
+            if self.backend != "dense":
+                fail(
+                    "backend",
+                    f"method {self.method!r} recomputes its N:M masks from the dense weights on every forward "
+                    "pass, so it trains dense tensors: use backend 'dense'",
+                )
             return
         check("sparsity", check_sparsity, self.sparsity)
         if self.distribution not in DISTRIBUTIONS:
@@ -174,6 +195,12 @@ class SparseSpec:
                 "distribution",
                 f"unknown distribution {self.distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}",
             )
+        if self.backend not in BACKENDS:
+            fail("backend", f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.kernels not in POLICIES:
+            fail("kernels", f"unknown kernel policy {self.kernels!r}; choose one of {', '.join(POLICIES)}")
+        if self.backend == "sparse" and not method.masked:
+            fail("backend", f"backend 'sparse' trains sparse weights; method {self.method!r} has none")
         p = self.erk_power
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p):
             fail("erk_power", f"erk_power must be a finite number, got {p!r}")

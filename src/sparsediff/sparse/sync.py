@@ -50,3 +50,20 @@ def broadcast_masks(masks: Mapping[str, torch.Tensor], names: Sequence[str]) -> 
             masks[n].copy_(chunk.to(device=masks[n].device, dtype=masks[n].dtype))
             offset += numel
     return mismatch
+
+
+def average_(tensor: torch.Tensor) -> torch.Tensor:
+    """Average ``tensor`` over the data-parallel ranks, in place (as data-parallel training averages
+    gradients); unchanged without a process group of two or more."""
+    distributed, _, world = dist_world()
+    if not distributed:
+        return tensor
+    import torch.distributed as dist
+
+    device = _collective_device()
+    buf = tensor if tensor.device == device else tensor.to(device)
+    dist.all_reduce(buf)
+    buf.div_(world)
+    if buf is not tensor:
+        tensor.copy_(buf)
+    return tensor

@@ -97,3 +97,80 @@ def drop_and_grow(
     grow_score.masked_fill_(kept, -math.inf)
     kept[largest_k(grow_score, k)] = True
     return kept
+
+
+class GrowCapture:
+    """What a RigL update needs from one layer's dense gradient, kept without the gradient itself.
+
+    On an update step a compact layer's backward computes its dense weight gradient ``G`` (which the
+    sparse backward never forms) and hands it to :meth:`add`. Growth takes the ``k`` best-scoring
+    positions among those not kept after the drop, which are the inactive ones and the dropped ones; so it
+    is enough to keep the ``k`` best inactive positions (with their scores, ties going to the lower
+    position, as :func:`largest_k` breaks them) and the score of every active position. :meth:`grow_score`
+    rebuilds from these a dense score under which :func:`drop_and_grow` grows exactly what it grows on the
+    full dense gradient. The layer's dense gradient is alive only during its own backward: the model's
+    dense gradients are never held together.
+
+    With gradient accumulation (``accumulate``), the micro-batches' gradients must be summed before any
+    choice: then the dense gradient is kept (summed) until :meth:`finish`, at the optimiser step. With a
+    process group, the gradient is all-reduced first (averaged, as data-parallel training averages
+    gradients) so every rank scores the same gradient.
+
+    Args:
+        numel: entries of the dense weight.
+        k: positions to keep candidates for (the update's drop count).
+        score: dense gradient (flat) -> grow score (flat float32): the method's ``grow_score``.
+        accumulate: sum several backward passes before choosing.
+        all_reduce: a function averaging a tensor over data-parallel ranks in place (None: one process).
+    """
+
+    def __init__(self, numel: int, k: int, score, accumulate: bool = False, all_reduce=None):
+        self.numel, self.k, self._score = numel, k, score
+        self.accumulate = accumulate
+        self._all_reduce = all_reduce
+        self._sum: torch.Tensor | None = None
+        self._active: torch.Tensor | None = None
+        self.candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # pos, score, active
+        self.passes = 0
+
+    def add(self, grad: torch.Tensor, active: torch.Tensor) -> None:
+        """Take one backward pass's dense gradient (flat) of a layer whose values sit at ``active``."""
+        self.passes += 1
+        if self.accumulate:
+            g = grad.detach().float()
+            self._sum = g.clone() if self._sum is None else self._sum.add_(g)
+            self._active = active
+            return
+        if self.candidates is not None:
+            raise RuntimeError(
+                "a RigL update step saw a second backward pass before the optimiser step (gradient "
+                "accumulation): build the engine with grad_accum=N (sparsify(..., grad_accum=N), or pass "
+                "the accelerator), so that the dense gradients of the micro-batches are summed first"
+            )
+        self._choose(grad.detach().float().clone(), active)
+
+    def finish(self) -> None:
+        """Choose from the summed gradient (gradient accumulation; a no-op otherwise)."""
+        if self._sum is not None:
+            grad, self._sum = self._sum, None
+            self._choose(grad, self._active)
+
+    def _choose(self, grad: torch.Tensor, active: torch.Tensor) -> None:
+        if self._all_reduce is not None:
+            self._all_reduce(grad)
+        score = self._score(grad)
+        active_score = score[active]
+        score[active] = -math.inf
+        pos = largest_k(score, min(self.k, self.numel))
+        self.candidates = (pos, score[pos], active_score)
+
+    def grow_score(self, active: torch.Tensor) -> torch.Tensor:
+        """The dense grow score (flat) for the layer whose values sit at ``active`` (the same positions
+        as at :meth:`add`): the captured scores, -inf where nothing can be grown."""
+        if self.candidates is None:
+            raise RuntimeError("RigL update without a captured dense gradient: no backward pass on this step")
+        pos, cand, active_score = self.candidates
+        out = torch.full((self.numel,), -math.inf, dtype=torch.float32, device=cand.device)
+        out[pos] = cand
+        out[active] = active_score
+        return out

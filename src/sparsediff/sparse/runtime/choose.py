@@ -1,0 +1,110 @@
+"""Sparse or dense kernels for each compact layer in training: by a density rule, or measured.
+
+A compact layer trains in one of two modes: ``"sparse"`` (the native kernels: forward, input gradient and
+values gradient on the non-zeros) or ``"dense"`` (the values scattered into a dense weight for torch's
+kernels, the gradient gathered back). Which is faster depends on the layer's shape, density and batch,
+as for inference. The engine gives each layer a policy (``sparsify(..., kernels=...)``):
+
+- ``"auto"`` (the default): the density rule. A layer goes sparse when its density is at most
+  :data:`TRAIN_MAX_DENSITY` of its kind. Deterministic: the same model and settings always choose alike.
+- ``"measure"``: at its first training call, the layer runs a forward and backward in each mode on its
+  own input, alternately (:data:`MEASURE_ROUNDS`), and keeps the sparse mode only where it was faster
+  by :data:`MEASURED_MARGIN`. The choice is recorded in the engine's state, so a resumed run computes
+  with the same kernels (bit for bit); two fresh runs may choose differently where the two are close.
+- ``"sparse"`` / ``"dense"``: every layer so.
+
+Without native kernels (no compiler), or for inputs they do not take (CUDA, other dtypes), a layer is
+dense whatever the policy.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..native import kernels
+
+# The density rule's limit per layer kind: up to this density the sparse forward + backward was faster
+# than the dense one on this project's denoisers (2-core AVX2 machine; see benchmarks/sparse_training.py).
+TRAIN_MAX_DENSITY = {"linear": 0.3, "conv": 0.2, "gru": 0.3, "scattered": 0.0}
+
+# With measured choice, sparse only where its time is below this fraction of the dense time.
+MEASURED_MARGIN = 0.9
+MEASURE_ROUNDS = (3, 15)  # at least / at most, alternating, stopping once MEASURE_SECONDS have passed
+MEASURE_SECONDS = 0.02
+
+
+def _native_takes(x: torch.Tensor) -> bool:
+    return x.dtype is torch.float32 and x.is_cpu and kernels() is not None
+
+
+def density(layer: nn.Module) -> float:
+    weights = layer.compact_weights.values()
+    nnz = sum(cw.values(layer).numel() for cw in weights)
+    return nnz / max(1, sum(cw.numel for cw in weights))
+
+
+def choose_mode(layer: nn.Module, x: torch.Tensor, policy: str | None = None) -> str:
+    """Set ``layer.kernel_mode`` for input ``x`` (the first call's) by ``policy`` (default: the layer's own
+    ``policy`` attribute, else ``"auto"``); returns it. Records timings in ``layer.choice``."""
+    policy = policy or getattr(layer, "policy", "auto")
+    if layer.kind == "scattered" or not _native_takes(x):
+        layer.kernel_mode = "dense"
+    elif policy in ("sparse", "dense"):
+        layer.kernel_mode = policy
+    elif policy == "measure":
+        dense_s, sparse_s = _measure(layer, x)
+        layer.kernel_mode = "sparse" if sparse_s < MEASURED_MARGIN * dense_s else "dense"
+        layer.choice = {"dense_ms": dense_s * 1e3, "sparse_ms": sparse_s * 1e3}
+    else:
+        layer.kernel_mode = "sparse" if density(layer) <= TRAIN_MAX_DENSITY.get(layer.kind, 0.0) else "dense"
+    return layer.kernel_mode
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _outputs(o)]
+    data = getattr(out, "data", None)  # a PackedSequence
+    return [data] if torch.is_tensor(data) else []
+
+
+def trial(layer: nn.Module, x: Any, mode: str) -> float:
+    """Seconds of one forward and backward of ``layer`` in ``mode`` on ``x`` (on copies of its
+    parameters: nothing of the layer's training state is touched, no RigL capture happens)."""
+    saved_mode, saved_capture = layer.kernel_mode, layer.capture
+    saved = dict(layer._parameters)
+    layer.kernel_mode, layer.capture = mode, None
+    try:
+        for n, p in saved.items():
+            if p is not None:
+                layer._parameters[n] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        with torch.enable_grad():
+            t0 = time.perf_counter()
+            outs = _outputs(layer(x))
+            loss = sum(o.float().sum() for o in outs if o.requires_grad)
+            if torch.is_tensor(loss):
+                loss.backward()
+            return time.perf_counter() - t0
+    finally:
+        layer._parameters.update(saved)
+        layer.kernel_mode, layer.capture = saved_mode, saved_capture
+
+
+def _measure(layer: nn.Module, x: Any) -> tuple[float, float]:
+    x = x.detach() if torch.is_tensor(x) else x
+    for mode in ("dense", "sparse"):  # warm-up: first-call allocations, derived structures
+        trial(layer, x, mode)
+    samples: dict[str, list[float]] = {"dense": [], "sparse": []}
+    start = time.perf_counter()
+    for rounds in range(1, MEASURE_ROUNDS[1] + 1):
+        for mode in ("dense", "sparse"):
+            samples[mode].append(trial(layer, x, mode))
+        if rounds >= MEASURE_ROUNDS[0] and time.perf_counter() - start >= MEASURE_SECONDS:
+            break
+    return statistics.median(samples["dense"]), statistics.median(samples["sparse"])

@@ -1,0 +1,165 @@
+"""The trainable compact convolution: ``nn.Conv1d`` / ``nn.Conv2d`` (stride 1, groups 1, zero padding) with
+its kernel held as its non-zeros (see compact.py).
+
+In ``"sparse"`` mode the forward is the direct sparse convolution of the inference layer, the input
+gradient the same kernel run over the output gradient with the transposed, flipped kernel, and the values
+gradient the correlation of the output gradient with the input at each kept tap only. In ``"dense"`` mode
+the values are scattered into a dense kernel for torch's convolution and its gradients (the dense kernel
+is rebuilt in the backward, not kept).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..native import kernels
+from .compact import CompactLayer, CompactWeight
+from .conv import convertible
+from .matrix import NO_BIAS, PARALLEL_GRAIN
+
+conv_grad = None  # the backward kernels' Python side (sparse/runtime/conv_grad.py): wired in next
+
+
+def _geometry(layer: CompactConv) -> dict:
+    return {"padding": (layer.ph, layer.pw), "dilation": (layer.dh, layer.dw)}
+
+
+class _ConvFn(torch.autograd.Function):
+    """The 2-D convolution of a (B, C, H, W) input with the layer's compact kernel."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, layer):
+        cw = layer.compact_weights["weight"]
+        sparse = layer.kernel_mode == "sparse"
+        if sparse:
+            b = NO_BIAS if bias is None else bias
+            y = kernels().sparse_conv2d(
+                x,
+                cw.row_ptr(layer),
+                cw.cols(layer),
+                layer.offsets(x.shape[-2], x.shape[-1]),
+                values,
+                b,
+                layer.kh,
+                layer.kw,
+                layer.ph,
+                layer.pw,
+                layer.dh,
+                layer.dw,
+                PARALLEL_GRAIN,
+            )
+        else:
+            y = F.conv2d(x, layer.kernel4(values), bias, **_geometry(layer))
+        ctx.layer, ctx.sparse, ctx.has_bias = layer, sparse, bias is not None
+        ctx.save_for_backward(x, values)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, values = ctx.saved_tensors
+        layer = ctx.layer
+        cw = layer.compact_weights["weight"]
+        dy = dy.contiguous()
+        need_x, need_v, need_b = ctx.needs_input_grad[:3]
+        dx = dv = db = None
+        geometry = _geometry(layer)
+        shape4 = (layer.out_channels, layer.in_channels, layer.kh, layer.kw)
+        if ctx.sparse and conv_grad is not None and layer.sparse_backward_ok():
+            if need_x:
+                dx = conv_grad.input_grad(dy, layer, values)
+            if need_v:
+                dv = conv_grad.values_grad(dy, x, layer)
+            layer.captures("weight", lambda: torch.nn.grad.conv2d_weight(x, shape4, dy, **geometry))
+        else:
+            if need_x:
+                dx = torch.nn.grad.conv2d_input(x.shape, layer.kernel4(values), dy, **geometry)
+            dense = torch.nn.grad.conv2d_weight(x, shape4, dy, **geometry)
+            if need_v:
+                dv = cw.gather(layer, dense)
+            layer.captures("weight", dense)
+        if need_b and ctx.has_bias:
+            db = dy.sum((0, 2, 3))
+        return dx, dv, db, None
+
+
+class CompactConv(CompactLayer):
+    """A stride-1 ``Conv1d`` / ``Conv2d`` whose kernel is a :class:`CompactWeight` named ``weight``: a row
+    per output channel, a column per input channel and tap (``c * kh * kw + ky * kw + kx``, as
+    ``SparseConv`` stores it). ``bias`` is the original layer's own Parameter."""
+
+    kind = "conv"
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, mask: torch.Tensor):
+        super().__init__()
+        if not convertible(conv):
+            raise ValueError(
+                f"CompactConv takes stride-1, groups-1 convolutions with zero padding; got {conv}"
+            )
+        self.dims = conv.weight.dim() - 2
+        shape = tuple(conv.weight.shape)
+        self.out_channels, self.in_channels = shape[0], shape[1]
+        self.kh, self.kw = (shape[2], shape[3]) if self.dims == 2 else (1, shape[2])
+        pad, dil = tuple(conv.padding), tuple(conv.dilation)
+        self.ph, self.pw = pad if self.dims == 2 else (0, pad[0])
+        self.dh, self.dw = dil if self.dims == 2 else (1, dil[0])
+        cw = CompactWeight.create(self, "weight", conv.weight, mask, self.out_channels, None)
+        self.compact_weights["weight"] = cw
+        self.bias = conv.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.compact_weights["weight"].scatter(self)
+
+    def kernel4(self, values: torch.Tensor) -> torch.Tensor:
+        """The dense (O, C, KH, KW) kernel of ``values`` (a Conv1d's with KH = 1)."""
+        dense = self.compact_weights["weight"].scatter(self, values)
+        return dense.reshape(self.out_channels, self.in_channels, self.kh, self.kw)
+
+    def offsets(self, height: int, width: int) -> torch.Tensor:
+        """Where each non-zero reads the zero-padded input of this size (int32; cached per size until the
+        layout changes): ``c * Hp * Wp + ky * dh * Wp + kx * dw``."""
+        cw = self.compact_weights["weight"]
+
+        def build():
+            hp, wp = height + 2 * self.ph, width + 2 * self.pw
+            furthest = (
+                (self.in_channels - 1) * hp * wp + (self.kh - 1) * self.dh * wp + (self.kw - 1) * self.dw
+            )
+            if furthest >= 2**31:
+                raise ValueError(f"input of {height}x{width} is too large for 32-bit offsets")
+            taps = cw.cols(self).long()
+            c, rest = taps // (self.kh * self.kw), taps % (self.kh * self.kw)
+            off = c * (hp * wp) + (rest // self.kw) * (self.dh * wp) + (rest % self.kw) * self.dw
+            return off.to(torch.int32)
+
+        return cw.derived(self, ("offsets", height, width), build)
+
+    def sparse_backward_ok(self) -> bool:
+        """Whether the input gradient maps onto the forward kernel: padding within the kernel's reach."""
+        return self.ph <= self.dh * (self.kh - 1) and self.pw <= self.dw * (self.kw - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x4 = x if self.dims == 2 else x.unsqueeze(-2)
+        unbatched = x4.dim() == 3
+        if unbatched:
+            x4 = x4.unsqueeze(0)
+        if x4.shape[1] != self.in_channels:
+            raise RuntimeError(f"CompactConv: input of {x4.shape[1]} channels, expected {self.in_channels}")
+        if self.kernel_mode is None:
+            from .choose import choose_mode
+
+            choose_mode(self, x)
+        y = _ConvFn.apply(x4.contiguous(), self.values, self.bias, self)
+        if unbatched:
+            y = y.squeeze(0)
+        return y if self.dims == 2 else y.squeeze(-2)
+
+    def extra_repr(self) -> str:
+        cw = self.compact_weights["weight"]
+        nnz = cw.values(self).numel()
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel=({self.kh}, {self.kw}), padding=({self.ph}, "
+            f"{self.pw}), dilation=({self.dh}, {self.dw}), density={nnz / max(cw.numel, 1):.3f}, mode={self.kernel_mode}"
+        )

@@ -1,0 +1,119 @@
+"""The trainable compact linear: ``nn.Linear`` with its weight held as its non-zeros (see compact.py).
+
+Forward, input gradient and values gradient run on the native kernels in ``"sparse"`` mode: the SpMM
+``x W^T`` over the layer's compressed rows, the same SpMM over ``W^T`` (a transposed copy of the index
+structure whose values are gathered from the kept values at each backward) for ``dX = dY W``, and the
+sampled product ``dW = dY^T X`` at the kept positions only (SDDMM). In ``"dense"`` mode the values are
+scattered into a dense weight for torch's kernels (recomputed in the backward rather than kept, so no
+dense weight outlives a call) and the dense gradient is gathered back at the kept positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..native import kernels
+from .compact import CompactLayer, CompactWeight, panel_width
+from .matrix import NO_BIAS, PARALLEL_GRAIN
+
+try:  # the backward kernels' Python side (sparse/runtime/linear_grad.py)
+    from . import linear_grad
+except ImportError:  # pragma: no cover - absent only while it is being written
+    linear_grad = None
+
+
+class _LinearFn(torch.autograd.Function):
+    """``y = x W^T + b`` for 2-D ``x``, W the layer's compact weight (its ``values`` are an input)."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, layer):
+        cw = layer.compact_weights["weight"]
+        sparse = layer.kernel_mode == "sparse"
+        if sparse:
+            m = cw.matrix(layer, values)
+            b = NO_BIAS if bias is None else bias
+            y = kernels().spmm_linear(x, m.row_ptr, m.cols, values, b, m.panel, PARALLEL_GRAIN, False)
+        else:
+            y = F.linear(x, cw.scatter(layer, values), bias)
+        ctx.layer, ctx.sparse, ctx.has_bias = layer, sparse, bias is not None
+        ctx.save_for_backward(x, values)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, values = ctx.saved_tensors
+        layer = ctx.layer
+        cw = layer.compact_weights["weight"]
+        dy = dy.contiguous()
+        need_x, need_v, need_b = ctx.needs_input_grad[:3]
+        dx = dv = db = None
+        if ctx.sparse and linear_grad is not None:
+            if need_x:
+                t_matrix, perm = _transposed(layer, cw)
+                dx = linear_grad.input_grad(dy, t_matrix, values, perm)
+            if need_v:
+                dv = linear_grad.values_grad(dy, x, cw.matrix(layer, values))
+            layer.captures("weight", lambda: linear_grad.dense_grad(dy, x))
+        else:
+            if need_x:
+                dx = dy @ cw.scatter(layer, values)
+            dense = dy.t() @ x
+            if need_v:
+                dv = cw.gather(layer, dense)
+            layer.captures("weight", dense)
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        return dx, dv, db, None
+
+
+def _transposed(layer: nn.Module, cw: CompactWeight):
+    return cw.derived(layer, "transposed", lambda: linear_grad.transposed(cw.matrix(layer)))
+
+
+class CompactLinear(CompactLayer):
+    """``nn.Linear`` whose weight is a :class:`CompactWeight` named ``weight`` (parameter ``values``,
+    buffers ``row_ptr`` / ``cols``, the inference layout of ``SparseLinear``); ``bias`` is the original
+    layer's own Parameter (the optimiser keeps training it).
+
+    ``weight`` reads as the dense weight, differentiable in ``values`` (for code that reads a linear's
+    weight itself, as ``nn.MultiheadAttention`` reads ``out_proj.weight``).
+    """
+
+    kind = "linear"
+
+    def __init__(self, linear: nn.Linear, mask: torch.Tensor):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # values first, then bias: the parameters keep the dense layer's order (weight, bias)
+        cw = CompactWeight.create(
+            self, "weight", linear.weight, mask, self.out_features, panel_width(self.in_features)
+        )
+        self.compact_weights["weight"] = cw
+        self.bias = linear.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.compact_weights["weight"].scatter(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise RuntimeError(f"CompactLinear: input of {x.shape[-1]} features, expected {self.in_features}")
+        if self.kernel_mode is None:
+            from .choose import choose_mode
+
+            choose_mode(self, x)
+        rows = x.reshape(-1, self.in_features)
+        if self.kernel_mode == "sparse" and not (rows.dtype is torch.float32 and rows.is_cpu):
+            raise RuntimeError("CompactLinear in sparse mode takes float32 CPU inputs")
+        y = _LinearFn.apply(rows.contiguous(), self.values, self.bias, self)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        cw = self.compact_weights["weight"]
+        nnz = cw.values(self).numel()
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"density={nnz / max(cw.numel, 1):.3f}, mode={self.kernel_mode}"
+        )
