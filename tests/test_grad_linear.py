@@ -53,7 +53,7 @@ def _layer_order(grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _reference(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dX, dW) of the masked dense layer F.linear(x, W * mask, b) by torch autograd, for the output grad dy."""
+    """(dX, dW) of the masked dense layer F.linear(x, W * mask, b) by torch autograd, for the output grad."""
     weight = w.clone().requires_grad_(True)
     inputs = x.detach().clone().requires_grad_(True)
     mask = (w != 0).to(w.dtype)
