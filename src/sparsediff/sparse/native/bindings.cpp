@@ -16,6 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("spmm_linear", &spmm_linear, "y = x @ W^T + b with W sparse (CSR per column panel)");
   mod.def("sddmm_linear", &sddmm_linear, "the values' gradient of a sparse linear, (dy^T x) at W's non-zeros");
   mod.def("sparse_conv2d", &sparse_conv2d, "direct sparse convolution, stride 1, zero padding, groups 1");
+  mod.def("sparse_conv2d_values_grad", &sparse_conv2d_values_grad, "the kept taps' gradient of a sparse convolution");
   mod.def("gru_recurrence", &gru_recurrence, "GRU steps with a sparse hidden-to-hidden matrix");
   mod.def("has_avx2", &has_avx2, "whether the kernels were compiled with AVX2/FMA");
 }

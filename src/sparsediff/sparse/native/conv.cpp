@@ -9,7 +9,8 @@
 // Weights are stored by output channel (CSR) with the tap code c * KH * KW + ky * KW + kx; the caller
 // turns codes into offsets once per input size.
 //
-// Its backward kernels (input and weight gradients) will sit next to it, in this file or conv_backward.cpp.
+// Its backward: the input gradient is this kernel run over the output gradient with the transposed, flipped
+// kernel (sparse/runtime/conv_grad.py); the gradient of the kept taps is conv_backward.cpp's.
 
 #include "kernels.h"
 #include "tiles.h"
@@ -128,19 +129,7 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor row_ptr, torch::Tenso
   const float* xd = x.data_ptr<float>();
   const int64_t nnz = values.numel();
   const bool parallel = nnz * positions * nb >= grain && at::get_num_threads() > 1;
-  auto pad = [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {  // i = b * C + c
-      float* dst = xp + i * plane;
-      std::memset(dst, 0, sizeof(float) * ph * wp);  // top rows
-      for (int64_t r = 0; r < h; ++r) {
-        float* row = dst + (r + ph) * wp;
-        std::memset(row, 0, sizeof(float) * pw);
-        std::memcpy(row + pw, xd + (i * h + r) * w, sizeof(float) * w);
-        std::memset(row + pw + w, 0, sizeof(float) * (wp - pw - w));
-      }
-      std::memset(dst + (h + ph) * wp, 0, sizeof(float) * (hp - h - ph) * wp);  // bottom rows
-    }
-  };
+  auto pad = [&](int64_t i0, int64_t i1) { pad_planes(xd, h, w, ph, pw, wp, plane, xp, i0, i1); };
   if (parallel) {
     at::parallel_for(0, nb * c_in, 16, pad);
   } else {

@@ -22,6 +22,11 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor row_ptr, torch::Tenso
                             torch::Tensor values, torch::Tensor bias, int64_t kh, int64_t kw, int64_t ph, int64_t pw,
                             int64_t dh, int64_t dw, int64_t grain);
 
+// The gradient of a direct sparse convolution's kept taps, dy correlated with x at each (conv_backward.cpp).
+torch::Tensor sparse_conv2d_values_grad(torch::Tensor dy, torch::Tensor x, torch::Tensor row_ptr,
+                                        torch::Tensor offsets, int64_t kh, int64_t kw, int64_t ph, int64_t pw,
+                                        int64_t dh, int64_t dw, int64_t grain);
+
 // Every step of a GRU with a sparse hidden-to-hidden matrix: {outputs, final states} (gru.cpp).
 std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_ptr, torch::Tensor cols,
                                           torch::Tensor values, torch::Tensor b_hh, torch::Tensor h0,

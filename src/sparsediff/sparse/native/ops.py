@@ -103,6 +103,24 @@ def sparse_conv2d(
 
 
 @operator
+def sparse_conv2d_values_grad(
+    dy: Tensor,
+    x: Tensor,
+    row_ptr: Tensor,
+    offsets: Tensor,
+    kh: int,
+    kw: int,
+    ph: int,
+    pw: int,
+    dh: int,
+    dw: int,
+    grain: int,
+) -> Tensor:
+    """The gradient of the direct sparse convolution's kept taps, one per offset (conv_backward.cpp)."""
+    return x.new_empty((offsets.shape[0],))
+
+
+@operator
 def gru_recurrence(
     gi: Tensor,
     row_ptr: Tensor,

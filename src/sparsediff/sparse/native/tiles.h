@@ -9,6 +9,8 @@
 //     narrow rows side by side), tile_rows (a range of rows, joint_rows at a time).
 //   - tile_width and linear_width_cap: how wide a tile is for a count of columns and an L1 budget, and
 //     SPARSEDIFF_DISPATCH_WIDTH, which turns that width into the template instantiation.
+//   - pad_planes: planes copied into zero-padded ones (a convolution's input, its output gradient on the
+//     padded grid).
 //
 // Everything here sits in an anonymous namespace: each kernel file gets its own copy with internal
 // linkage, as when all the kernels shared one file, so the compiler may specialise and inline freely.
@@ -157,6 +159,25 @@ inline void tile_rows(const int32_t* idx, const float* val, const int64_t* lo, c
   for (; i + J <= rows; i += J)
     rows_tile<W, S, J>(idx, val, lo + i * step, hi + i * step, step, xb, acc + i * acc_step, acc_step, add);
   for (; i < rows; ++i) row_tile<W, S>(idx, val, lo[i * step], hi[i * step], xb, acc + i * acc_step, add);
+}
+
+// Planes i0 .. i1 - 1 of x (each h x w floats, one after another) copied into planes of `stride` floats
+// at dst, as rows of wp floats (wp >= left + w) starting at row `top`, column `left`, with zeros everywhere
+// else in the plane: the zero-padded input of the direct convolution (conv.cpp) and the output gradient
+// laid out on the padded grid (conv_backward.cpp).
+inline void pad_planes(const float* x, int64_t h, int64_t w, int64_t top, int64_t left, int64_t wp, int64_t stride,
+                       float* dst, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    float* plane = dst + i * stride;
+    int64_t done = 0;  // the plane's floats written so far
+    for (int64_t r = 0; r < h; ++r) {
+      const int64_t start = (r + top) * wp + left;
+      std::memset(plane + done, 0, sizeof(float) * (start - done));
+      std::memcpy(plane + start, x + (i * h + r) * w, sizeof(float) * w);
+      done = start + w;
+    }
+    std::memset(plane + done, 0, sizeof(float) * (stride - done));
+  }
 }
 
 // The tile width for `count` columns (batch rows of a linear, output positions of a convolution). Per
