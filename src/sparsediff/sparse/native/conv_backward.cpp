@@ -11,10 +11,11 @@
 // c * Hp * Wp + ky * dh * Wp + kx * dw is the forward's own array. The positions are rounded up to a
 // multiple of 8 with zeros, so that every dot product runs over whole vectors.
 //
-// The positions of an image are cut into chunks whose input (every channel's share: C x (chunk + halo)
-// floats) stays in L2 while every row reads it; a row's non-zeros go in groups of up to 8 whose dot
-// products share each load of dy, in 8-lane sums reduced once per group and chunk, added to dvalues[p]
-// in the order of the (image, chunk) slabs. Threads split the rows (by their count of non-zeros) when
+// The positions of an image are cut into chunks and the input channels into panels, so that what a chunk
+// reads of one panel (channels x (chunk + halo) floats) stays in L1 while every row takes its non-zeros of
+// that panel (a row's non-zeros must be sorted by channel, as the forward needs them too). A row's
+// non-zeros go in groups of up to 8 whose dot products share each load of dy, in 8-lane sums reduced once
+// per group, panel and chunk, added to dvalues[p] in the order of the (image, chunk) slabs. Threads split the rows (by their count of non-zeros) when
 // there are enough of them: no reduction, and the same result for any number of threads. With few rows
 // they split the slabs instead, each thread summing into its own partial gradient, the partials added
 // in thread order at the end (deterministic for a given thread count).
@@ -32,7 +33,6 @@
 #include <vector>
 
 namespace {
-
 
 // out[j] += dot(dy[0 .. n), xb + off[j] [0 .. n)) for the G non-zeros j < G; n is a multiple of 8. With
 // fewer than 8 non-zeros, U sums per non-zero keep eight FMA chains in flight.
