@@ -96,7 +96,7 @@ def _valid(size, kernel, padding, dilation) -> bool:
     return all(s + 2 * p >= d * (k - 1) + 1 for s, k, p, d in zip(size, kernel, padding, dilation))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     c_in=st.integers(1, 20),
     c_out=st.integers(1, 20),
