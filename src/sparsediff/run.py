@@ -448,11 +448,34 @@ def apply_final_masks(model: torch.nn.Module, cfg: RunConfig, ckpt: Path) -> dic
 def _restore(
     model: torch.nn.Module, cfg: RunConfig, ckpt: Path, use_ema: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load the checkpoint's (EMA) weights into ``model`` and apply the final masks; ``(masks, report)``."""
+    """Load the checkpoint's (EMA) weights into ``model`` and apply the final masks; ``(masks, report)``.
+
+    A run trained with ``backend: sparse`` saved compact layers (values and their layout): ``model`` is
+    given that layout for loading (the masks of the checkpoint's engine state), then made dense again, so
+    every reader of a run gets the same dense model whatever backend trained it.
+    """
     weights = "ema" if use_ema else "model"
-    load_checkpoint_weights(model, ckpt, use_ema)
+    if cfg.sparse.backend == "sparse":
+        _load_compact(model, ckpt, use_ema)
+    else:
+        load_checkpoint_weights(model, ckpt, use_ema)
     masks, report = mask_model(model, cfg, ckpt)
     return masks, {"checkpoint": str(ckpt), "weights": weights, **report}
+
+
+def _load_compact(model: torch.nn.Module, ckpt: Path, use_ema: bool) -> None:
+    from .sparse.io import engine_state_from_tensors
+    from .sparse.runtime.to_compact import to_compact, to_dense
+
+    tensors, meta = load_tensors(ckpt / ENGINE_FILE)
+    masks = engine_state_from_tensors(tensors, meta)["masks"]
+    params = dict(model.named_parameters())
+    problem = mask_mismatch(masks, params)
+    if problem:
+        raise StateError(f"{ckpt}: {problem}")
+    to_compact(model, {n: params[n] for n in masks}, {n: m.bool() for n, m in masks.items()})
+    load_checkpoint_weights(model, ckpt, use_ema)
+    to_dense(model)
 
 
 def load_model_and_masks(

@@ -190,7 +190,8 @@ def _build(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
     )
-    engine = sparsify(model, optimizer, cfg.sparse, total_steps=steps)
+    # before accelerator.prepare: with backend 'sparse' the engine replaces the layers and their parameters
+    engine = sparsify(model, optimizer, cfg.sparse, total_steps=steps, grad_accum=t_cfg.grad_accum)
     ema = EMAModel(model.parameters(), decay=t_cfg.ema_decay, foreach=True)
     ema.to(device)
     engine.attach_ema(ema)  # zero where the model is: after every EMA step and topology update

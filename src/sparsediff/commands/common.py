@@ -17,7 +17,9 @@ from ..config import RunConfig, deep_update, load_config, parse_overrides
 from ..diffusion.samplers import SAMPLERS
 from ..sparse.distribution import DISTRIBUTIONS
 from ..sparse.runtime import BACKENDS
+from ..sparse.spec import BACKENDS as SPARSE_BACKENDS
 from ..sparse.spec import METHODS
+from ..sparse.spec import POLICIES as KERNEL_POLICIES
 
 T = TypeVar("T")
 
@@ -56,6 +58,18 @@ def add_sparse_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prune-ratio", type=float, help="fraction of active weights moved at the first update")
     g.add_argument("--update-every", type=int, help="optimiser steps between topology updates")
     g.add_argument("--nm", help="N:M pattern for srste, e.g. 2:4")
+    g.add_argument(
+        "--backend",
+        dest="sparse_backend",
+        choices=SPARSE_BACKENDS,
+        help="how sparse weights train: dense (a masked dense tensor) or sparse (the non-zeros only, on "
+        "sparse kernels: faster and smaller; static, rigl, magran)",
+    )
+    g.add_argument(
+        "--kernels",
+        choices=KERNEL_POLICIES,
+        help="backend sparse: each layer's kernels by a density rule (auto), timed (measure), or all one kind",
+    )
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -121,6 +135,8 @@ CONFIG_OPTIONS = {
     ("sparse", "prune_ratio"): "prune_ratio",
     ("sparse", "update_every"): "update_every",
     ("sparse", "nm"): "nm",
+    ("sparse", "backend"): "sparse_backend",
+    ("sparse", "kernels"): "kernels",
     ("train", "max_steps"): "steps",
     ("train", "batch_size"): "batch_size",
     ("train", "lr"): "lr",

@@ -16,6 +16,7 @@ updates happen, ``3 f_S`` after ``end_step``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections import defaultdict
 from collections.abc import Mapping
@@ -160,6 +161,14 @@ def count_flops(
         targets: parameter names to report; by default those of ``sparsity`` or every weight with >= 2 dims.
     """
     model = unwrap_model(model)
+    if any(hasattr(m, "compact_weights") for m in model.modules()):
+        # compact layers (backend "sparse") compute in native kernels that no FLOP counter sees: count on a
+        # dense twin, with the densities of their budgets
+        from .runtime.to_compact import to_dense
+
+        if isinstance(sparsity, Engine):
+            sparsity = {n: b / math.prod(sparsity._shapes[n]) for n, b in sparsity.budgets.items()}
+        model = to_dense(copy.deepcopy(model))
     params = dict(model.named_parameters())
     if targets is None:
         if isinstance(sparsity, Engine):

@@ -27,6 +27,10 @@ import torch
 from torch import nn
 
 from ..native import kernels
+from ..spec import POLICIES
+
+FIXED = POLICIES[2:]  # "sparse", "dense": every layer so
+MODES = ("dense", "sparse")  # how a compact layer computes (its kernel_mode)
 
 # The density rule's limit per layer kind: up to this density the sparse forward + backward was faster
 # than the dense one on this project's denoisers (2-core AVX2 machine; see benchmarks/sparse_training.py).
@@ -54,7 +58,7 @@ def choose_mode(layer: nn.Module, x: torch.Tensor, policy: str | None = None) ->
     policy = policy or getattr(layer, "policy", "auto")
     if layer.kind == "scattered" or not _native_takes(x):
         layer.kernel_mode = "dense"
-    elif policy in ("sparse", "dense"):
+    elif policy in FIXED:
         layer.kernel_mode = policy
     elif policy == "measure":
         dense_s, sparse_s = _measure(layer, x)
@@ -98,12 +102,12 @@ def trial(layer: nn.Module, x: Any, mode: str) -> float:
 
 def _measure(layer: nn.Module, x: Any) -> tuple[float, float]:
     x = x.detach() if torch.is_tensor(x) else x
-    for mode in ("dense", "sparse"):  # warm-up: first-call allocations, derived structures
+    for mode in MODES:  # warm-up: first-call allocations, derived structures
         trial(layer, x, mode)
-    samples: dict[str, list[float]] = {"dense": [], "sparse": []}
+    samples: dict[str, list[float]] = {mode: [] for mode in MODES}
     start = time.perf_counter()
     for rounds in range(1, MEASURE_ROUNDS[1] + 1):
-        for mode in ("dense", "sparse"):
+        for mode in MODES:
             samples[mode].append(trial(layer, x, mode))
         if rounds >= MEASURE_ROUNDS[0] and time.perf_counter() - start >= MEASURE_SECONDS:
             break

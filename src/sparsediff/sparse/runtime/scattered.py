@@ -15,6 +15,7 @@ Parameter ``original`` and the buffers ``row_ptr`` / ``cols``.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import nn
@@ -57,7 +58,7 @@ def scatter_weight(owner: nn.Module, name: str, mask: torch.Tensor) -> nn.Module
     p = ScatteredWeight(name, flat)
     parametrize.register_parametrization(owner, name, p, unsafe=True)
     host = owner.parametrizations[name]
-    cw = CompactWeight(name, "original", "row_ptr", "cols", shape, rows, weight.numel() // rows, None)
+    cw = CompactWeight(name, "original", "row_ptr", "cols", shape, rows, math.prod(shape) // rows, None)
     host.register_buffer("row_ptr", row_ptr.to(weight.device))
     host.register_buffer("cols", cols.to(weight.device))
     host.compact_weights = {name: cw}
@@ -71,3 +72,33 @@ def scatter_weight(owner: nn.Module, name: str, mask: torch.Tensor) -> nn.Module
 
 def is_scattered_host(module: nn.Module) -> bool:
     return isinstance(module, parametrize.ParametrizationList) and hasattr(module, "compact_weights")
+
+
+@torch.no_grad()
+def unscatter_weights(module: nn.Module) -> None:
+    """Give ``module`` back the dense Parameters of its compact weights (the way back of
+    :func:`scatter_weight`).
+
+    Not through ``parametrize.remove_parametrizations``: a deep copy of a parametrized module shares its
+    class with the original, and that function deletes the weight's property from the class, which would
+    break the original as well. Here the copy alone goes back to its own class.
+    """
+    hosts = module._modules.get("parametrizations")
+    if hosts is None:
+        return
+    ours = [n for n, host in hosts.items() if is_scattered_host(host)]
+    if not ours:
+        return
+    if len(ours) != len(hosts):
+        raise ValueError(f"{type(module).__name__} has parametrizations of its own besides sparsediff's")
+    dense = {}
+    for name in ours:
+        host = hosts[name]
+        values = host.original
+        dense[name] = nn.Parameter(
+            host.compact_weights[name].scatter(host).detach().clone(), values.requires_grad
+        )
+    del module._modules["parametrizations"]
+    module.__class__ = module.__class__.__bases__[0]  # the class before parametrize injected its own
+    for name, p in dense.items():
+        module.register_parameter(name, p)

@@ -120,9 +120,82 @@ def to_compact(
                 out[names[(key, a)]] = CompactTarget(compact, compact.compact_weights[a])
                 _free(getattr(module, a))
         else:
-            for a in attrs:
-                dense = module._parameters[a]
+            for a in attrs:  # the parametrization keeps the Parameter, its data now the kept values only
                 host = scatter_weight(module, a, mask_of[a])
                 out[names[(key, a)]] = CompactTarget(host, host.compact_weights[a])
-                _free(dense)
     return {n: out[n] for n in params}
+
+
+def _dense_parameter(values: nn.Parameter, dense: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(dense.detach().clone(), requires_grad=values.requires_grad)
+
+
+@torch.no_grad()
+def to_dense(model: nn.Module) -> nn.Module:
+    """Turn every compact layer of ``model`` back into its dense layer, in place (weights exactly 0 off
+    the kept positions); returns ``model``. For what needs dense weights: ``save_pretrained``, exports,
+    a dense optimiser."""
+    from .scattered import unscatter_weights
+
+    parents = _parents(model)
+    for _, module in list(model.named_modules()):
+        unscatter_weights(module)
+        if isinstance(module, (CompactLinear, CompactConv)):
+            dense = _dense_linear(module) if isinstance(module, CompactLinear) else _dense_conv(module)
+        elif isinstance(module, CompactGRU):
+            dense = _dense_gru(module)
+        else:
+            continue
+        dense.train(module.training)
+        for parent, attr in parents.get(id(module), []):
+            setattr(parent, attr, dense)
+    return model
+
+
+def _dense_linear(layer: CompactLinear) -> nn.Linear:
+    values = layer.values
+    out = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+    out.weight = _dense_parameter(values, layer.compact_weights["weight"].scatter(layer))
+    out.bias = layer.bias
+    return out
+
+
+def _dense_conv(layer: CompactConv) -> nn.Module:
+    cw = layer.compact_weights["weight"]
+    cls = nn.Conv2d if layer.dims == 2 else nn.Conv1d
+    kernel = (layer.kh, layer.kw) if layer.dims == 2 else layer.kw
+    padding = (layer.ph, layer.pw) if layer.dims == 2 else layer.pw
+    dilation = (layer.dh, layer.dw) if layer.dims == 2 else layer.dw
+    out = cls(
+        layer.in_channels,
+        layer.out_channels,
+        kernel,
+        padding=padding,
+        dilation=dilation,
+        bias=False,
+        device="meta",
+    )
+    out.weight = _dense_parameter(layer.values, cw.scatter(layer))
+    out.bias = layer.bias
+    return out
+
+
+def _dense_gru(layer: CompactGRU) -> nn.GRU:
+    out = nn.GRU(
+        layer.input_size,
+        layer.hidden_size,
+        layer.num_layers,
+        bias=layer.bias,
+        batch_first=layer.batch_first,
+        dropout=layer.dropout,
+        bidirectional=layer.bidirectional,
+        device="meta",
+    )
+    for name in layer._flat_weights_names:
+        cw = layer.compact_weights.get(name)
+        if cw is not None:
+            setattr(out, name, _dense_parameter(cw.values(layer), cw.scatter(layer)))
+        else:
+            setattr(out, name, layer._parameters[name])
+    out._init_flat_weights()
+    return out
