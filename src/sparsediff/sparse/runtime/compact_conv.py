@@ -15,11 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..native import kernels
+from . import conv_grad
 from .compact import CompactLayer, CompactWeight
 from .conv import convertible
 from .matrix import NO_BIAS, PARALLEL_GRAIN
-
-conv_grad = None  # the backward kernels' Python side (sparse/runtime/conv_grad.py): wired in next
 
 
 def _geometry(layer: CompactConv) -> dict:
@@ -66,11 +65,21 @@ class _ConvFn(torch.autograd.Function):
         dx = dv = db = None
         geometry = _geometry(layer)
         shape4 = (layer.out_channels, layer.in_channels, layer.kh, layer.kw)
-        if ctx.sparse and conv_grad is not None and layer.sparse_backward_ok():
+        if ctx.sparse:
+            g = layer.geometry4()
             if need_x:
-                dx = conv_grad.input_grad(dy, layer, values)
+                t = cw.derived(
+                    layer, "transposed", lambda: conv_grad.transposed(cw.row_ptr(layer), cw.cols(layer), g)
+                )
+                offsets = cw.derived(
+                    layer,
+                    ("t_offsets", *dy.shape[-2:]),
+                    lambda: conv_grad.transposed_offsets(t, g, *dy.shape[-2:]),
+                )
+                dx = conv_grad.input_grad(dy, values, t, g, offsets)
             if need_v:
-                dv = conv_grad.values_grad(dy, x, layer)
+                offsets = layer.offsets(x.shape[-2], x.shape[-1])
+                dv = conv_grad.values_grad(dy, x, cw.row_ptr(layer), cw.cols(layer), g, offsets)
             layer.captures("weight", lambda: torch.nn.grad.conv2d_weight(x, shape4, dy, **geometry))
         else:
             if need_x:
@@ -123,22 +132,15 @@ class CompactConv(CompactLayer):
         cw = self.compact_weights["weight"]
 
         def build():
-            hp, wp = height + 2 * self.ph, width + 2 * self.pw
-            furthest = (
-                (self.in_channels - 1) * hp * wp + (self.kh - 1) * self.dh * wp + (self.kw - 1) * self.dw
-            )
-            if furthest >= 2**31:
-                raise ValueError(f"input of {height}x{width} is too large for 32-bit offsets")
-            taps = cw.cols(self).long()
-            c, rest = taps // (self.kh * self.kw), taps % (self.kh * self.kw)
-            off = c * (hp * wp) + (rest // self.kw) * (self.dh * wp) + (rest % self.kw) * self.dw
-            return off.to(torch.int32)
+            return conv_grad.input_offsets(cw.cols(self), self.geometry4(), height, width)
 
         return cw.derived(self, ("offsets", height, width), build)
 
-    def sparse_backward_ok(self) -> bool:
-        """Whether the input gradient maps onto the forward kernel: padding within the kernel's reach."""
-        return self.ph <= self.dh * (self.kh - 1) and self.pw <= self.dw * (self.kw - 1)
+    def geometry4(self) -> conv_grad.ConvGeometry:
+        """The convolution as the 2-D one the kernels compute (a Conv1d's with a height of 1)."""
+        return conv_grad.ConvGeometry(
+            self.out_channels, self.in_channels, self.kh, self.kw, self.ph, self.pw, self.dh, self.dw, dims=2
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x4 = x if self.dims == 2 else x.unsqueeze(-2)

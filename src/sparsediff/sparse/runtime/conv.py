@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..native import native_for
+from .conv_grad import tap_offsets
 from .matrix import NO_BIAS, PARALLEL_GRAIN, Buffers, MatrixLayer, masked_weight, own_bias
 
 
@@ -52,15 +53,9 @@ class SparseConv(MatrixLayer):
         key = (height, width)
         if key not in self._offsets:
             hp, wp = height + 2 * self.ph, width + 2 * self.pw
-            furthest = (
-                (self.in_channels - 1) * hp * wp + (self.kh - 1) * self.dh * wp + (self.kw - 1) * self.dw
+            self._offsets[key] = tap_offsets(
+                self.taps, self.in_channels, self.kh, self.kw, self.dh, self.dw, hp, wp
             )
-            if furthest >= 2**31:  # from the sizes alone: no data-dependent branch for torch.compile
-                raise ValueError(f"input of {height}x{width} is too large for 32-bit offsets")
-            taps = self.taps.long()
-            c, rest = taps // (self.kh * self.kw), taps % (self.kh * self.kw)
-            off = c * (hp * wp) + (rest // self.kw) * (self.dh * wp) + (rest % self.kw) * self.dw
-            self._offsets[key] = off.to(torch.int32)
         return self._offsets[key]
 
     def forget(self) -> None:
