@@ -154,7 +154,7 @@ def invariant_problems(engine, optimizer) -> list[str]:
     for name, p in engine.named_parameters():
         inactive = ~engine.masks[name]
         for s in state_tensors(optimizer, p):
-            if bool((s[inactive] != 0).any()):
+            if bool((engine.dense_view(name, s)[inactive] != 0).any()):
                 problems.append(f"{name}: optimiser state non-zero at inactive positions")
     return problems
 

@@ -136,6 +136,7 @@ class Engine(abc.ABC):
     """
 
     FAMILY: ClassVar[str]  # the family of methods this engine implements ("unstructured", "nm")
+    BACKEND: ClassVar[str] = "dense"  # how the weights train: dense tensors (masked) or compact ("sparse")
     STATE_FORMAT: ClassVar[str]  # the format marker of state_dict()
     STATE_LABEL: ClassVar[str] = "engine"  # how error messages name this engine's state
     STATE_KEYS: ClassVar[tuple[str, ...]] = ("method",)  # spec fields a loaded state must agree on
@@ -220,9 +221,15 @@ class Engine(abc.ABC):
         return None
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The target parameters, in model order."""
+        """The target parameters, in model order (a compact engine's: the kept values)."""
         for name in self.names:
             yield name, self._params[name]
+
+    def dense_view(self, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """Target ``name``'s weight (or ``tensor``, shaped like its parameter: a gradient, an optimiser
+        state) in the dense weight's shape, detached. Whatever form the engine holds weights in, so code
+        that inspects them (tests, reports) reads every backend alike."""
+        return (self._params[name] if tensor is None else tensor).detach()
 
     def mask_gradients(self) -> None:  # noqa: B027 (optional: a no-op unless overridden)
         """Zero the gradients of masked weights (call before gradient clipping); a no-op where the

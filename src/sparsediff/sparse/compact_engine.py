@@ -174,6 +174,11 @@ class CompactEngine(SparseEngine):
             self._bool_cache = {n: t.weight.mask(t.host) for n, t in self.targets.items()}
         return self._bool_cache
 
+    def dense_view(self, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        target = self.targets[name]
+        values = target.values if tensor is None else tensor
+        return target.weight.scatter(target.host, values.detach())
+
     def apply_masks(self) -> None:
         """Nothing to do: a compact layer holds no weight outside its topology."""
 
