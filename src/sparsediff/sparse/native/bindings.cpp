@@ -18,5 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("sparse_conv2d", &sparse_conv2d, "direct sparse convolution, stride 1, zero padding, groups 1");
   mod.def("sparse_conv2d_values_grad", &sparse_conv2d_values_grad, "the kept taps' gradient of a sparse convolution");
   mod.def("gru_recurrence", &gru_recurrence, "GRU steps with a sparse hidden-to-hidden matrix");
+  mod.def("gru_recurrence_train", &gru_recurrence_train, "the GRU steps, saving the gates for the backward");
+  mod.def("gru_recurrence_backward", &gru_recurrence_backward, "the GRU's backward through time");
   mod.def("has_avx2", &has_avx2, "whether the kernels were compiled with AVX2/FMA");
 }

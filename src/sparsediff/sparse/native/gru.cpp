@@ -1,28 +1,28 @@
 // GRU recurrence with a sparse hidden-to-hidden matrix, all time steps in one native call.
 //
 // gi: (3H, T, B) input projections of every step, transposed (x_t W_ih^T + b_ih, computed before by one
-// SpMM, which writes this order directly); W_hh (3H x H) in CSR (row_ptr, cols, values), b_hh (3H) or empty; h0: (B, H). Gates in PyTorch's
-// order (r, z, n): r = sigmoid(gi_r + gh_r), z = sigmoid(gi_z + gh_z), n = tanh(gi_n + r * gh_n),
-// h' = (1 - z) * n + z * h, with gh = W_hh h + b_hh. `reverse` walks the steps backwards (the second
-// direction of a bidirectional GRU). `lengths` (B, int64, or empty: all T) gives each sequence's valid
-// steps, as a packed sequence does: steps past a sequence's length leave its state alone and output 0, so
-// the reverse direction starts at each sequence's own last step. Returns the outputs (T, H, B), transposed,
-// and the final states (B, H).
+// SpMM, which writes this order directly); W_hh (3H x H) in CSR (row_ptr, cols, values), b_hh (3H) or
+// empty; h0: (B, H). Gates in PyTorch's order (r, z, n): r = sigmoid(gi_r + gh_r), z = sigmoid(gi_z + gh_z),
+// n = tanh(gi_n + r * gh_n), h' = (1 - z) * n + z * h, with gh = W_hh h + b_hh. `reverse` walks the steps
+// backwards (the second direction of a bidirectional GRU). `lengths` (B, int64, or empty: all T) gives each
+// sequence's valid steps, as a packed sequence does: steps past a sequence's length leave its state alone
+// and output 0, so the reverse direction starts at each sequence's own last step. Returns the outputs
+// (T, H, B), transposed, and the final states (B, H).
 // Everything is laid out with the batch last, so each non-zero of W_hh updates B contiguous sums and the
 // gates run eight sequences per AVX instruction (a vectorised exp). Threads split the batch, never the
 // steps: starting threads at every step would cost more than the step.
 //
-// Its backward through time will sit next to it, in this file or gru_backward.cpp, sharing the vectorised
-// exp / sigmoid / tanh below.
+// Training (gru_recurrence_train) runs the same code with one addition, the gates saved for the backward
+// through time (gru_backward.cpp): gates (T, 4H, B), rows r, z, n and gh_n = (W_hh h + b_hh)_n of each step
+// (0 past a sequence's end). Its outputs equal gru_recurrence's bit for bit; the inference instantiation
+// saves nothing and is the code it always was.
 
+#include "gru.h"
 #include "kernels.h"
 #include "tiles.h"
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -67,9 +67,10 @@ inline float sigmoid1(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
 // One sequence's gates for every hidden unit j. Its values sit at strides: gi (r, z, n) at
 // gi[j * gi_step + gate * gi_gate], gh at gh[(gate * hidden + j) * w], the state at h[j * w], the output
-// at out[j * out_step].
+// at out[j * out_step]; with SAVE, the gates r, z, n and gh_n at saved[(k * hidden + j) * saved_step].
+template <bool SAVE>
 void gates_over_units(const float* gi, int64_t gi_step, int64_t gi_gate, const float* gh, float* h, int64_t w,
-                      int64_t hidden, float* out, int64_t out_step) {
+                      int64_t hidden, float* out, int64_t out_step, float* saved, int64_t saved_step) {
   int64_t j = 0;
 #if SPARSEDIFF_AVX2
   if (gi_step * 8 < (int64_t{1} << 31) && w * 8 < (int64_t{1} << 31)) {  // gather offsets are int32
@@ -88,6 +89,17 @@ void gates_over_units(const float* gi, int64_t gi_step, int64_t gi_gate, const f
       const __m256 h_old = _mm256_i32gather_ps(h + j * w, w_at, 4);
       _mm256_store_ps(hv, _mm256_fmadd_ps(z, h_old, _mm256_fnmadd_ps(z, n, n)));  // (1 - z) n + z h
       for (int i = 0; i < 8; ++i) h[(j + i) * w] = hv[i], out[(j + i) * out_step] = hv[i];
+      if constexpr (SAVE) {
+        alignas(32) float gv[3][8];
+        _mm256_store_ps(gv[0], r);
+        _mm256_store_ps(gv[1], z);
+        _mm256_store_ps(gv[2], n);
+        for (int i = 0; i < 8; ++i) {
+          float* s = saved + (j + i) * saved_step;
+          s[0] = gv[0][i], s[hidden * saved_step] = gv[1][i], s[2 * hidden * saved_step] = gv[2][i];
+          s[3 * hidden * saved_step] = gh[(2 * hidden + j + i) * w];
+        }
+      }
     }
   }
 #endif
@@ -98,14 +110,19 @@ void gates_over_units(const float* gi, int64_t gi_step, int64_t gi_gate, const f
     const float hn = (1.0f - z) * n + z * h[j * w];
     h[j * w] = hn;
     out[j * out_step] = hn;
+    if constexpr (SAVE) {
+      float* s = saved + j * saved_step;
+      s[0] = r, s[hidden * saved_step] = z, s[2 * hidden * saved_step] = n;
+      s[3 * hidden * saved_step] = gh[(2 * hidden + j) * w];
+    }
   }
 }
 
-}  // namespace
-
-std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_ptr, torch::Tensor cols,
-                                          torch::Tensor values, torch::Tensor b_hh, torch::Tensor h0,
-                                          torch::Tensor lengths, bool reverse) {
+// The recurrence; with SAVE also the gates of every step ({out, last, gates}), else {out, last}.
+template <bool SAVE>
+std::vector<torch::Tensor> recurrence(torch::Tensor gi, torch::Tensor row_ptr, torch::Tensor cols,
+                                      torch::Tensor values, torch::Tensor b_hh, torch::Tensor h0,
+                                      torch::Tensor lengths, bool reverse) {
   TORCH_CHECK(gi.dim() == 3 && gi.scalar_type() == torch::kFloat32, "gru_recurrence: gi must be (3H, T, B) float32");
   gi = gi.contiguous();
   h0 = h0.contiguous();
@@ -115,21 +132,16 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
   const bool ragged = lengths.numel() > 0;
   // every step of every sequence is written unless some end early: only then must the rest read 0
   auto out = ragged ? torch::zeros({steps, hidden, nb}, gi.options()) : torch::empty({steps, hidden, nb}, gi.options());
+  torch::Tensor gates;
+  if (SAVE)
+    gates = ragged ? torch::zeros({steps, 4 * hidden, nb}, gi.options())
+                   : torch::empty({steps, 4 * hidden, nb}, gi.options());
+  float* sv = SAVE ? gates.data_ptr<float>() : nullptr;
   TORCH_CHECK(!ragged || (lengths.numel() == nb && lengths.scalar_type() == torch::kInt64),
               "gru_recurrence: lengths must hold one int64 per sequence");
   if (ragged) lengths = lengths.contiguous();
   const int64_t* len = ragged ? lengths.data_ptr<int64_t>() : nullptr;
-  // With lengths in non-increasing order (a packed batch's order) the sequences still running at step t
-  // are a prefix of the batch, active[t] long: the work of a step shrinks with it, as for a packed GRU.
-  std::vector<int64_t> active(static_cast<size_t>(steps), nb);
-  bool sorted = ragged;
-  for (int64_t b = 1; ragged && b < nb; ++b) sorted = sorted && len[b - 1] >= len[b];
-  if (sorted)
-    for (int64_t t = 0; t < steps; ++t) {
-      int64_t count = 0;
-      while (count < nb && len[count] > t) ++count;
-      active[t] = count;
-    }
+  const std::vector<int64_t> active = running_prefix(len, nb, steps);
   const float* g = gi.data_ptr<float>();
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int32_t* col = cols.data_ptr<int32_t>();
@@ -141,9 +153,6 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
   const float* h0d = h0.data_ptr<float>();
   auto last = torch::empty({nb, hidden}, gi.options());
   float* ld = last.data_ptr<float>();
-  // Sequences are independent: with several threads each takes a slice of the batch (a multiple of eight)
-  // for the whole recurrence, so threads start once per call, not once per step. Each slice keeps its own
-  // state and sums (w sequences wide): no cache line is written by two threads at every step.
   auto run = [&](int64_t b0, int64_t b1) {
     const int64_t w = b1 - b0;
     std::vector<float> ht(static_cast<size_t>(hidden * w)), gh(static_cast<size_t>(3 * hidden * w));
@@ -154,38 +163,13 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
       for (int64_t j = 0; j < hidden; ++j) ht[j * w + b] = h0d[(b0 + b) * hidden + j];
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t t = reverse ? steps - 1 - s : s;
-      // this step's end of the slice: past the running prefix (rounded up to whole vectors) nothing changes
-      const int64_t e = std::min(w, (std::max<int64_t>(active[t] - b0, 0) + 7) / 8 * 8);
+      const int64_t e = slice_end(active[t], b0, w);
       if (e <= 0) continue;
       if (ragged)
         for (int64_t b = 0; b < e; ++b) live[b] = t < len[b0 + b] ? 1.0f : 0.0f;
-      // gh = W_hh h + b_hh: each row starts at its bias, then one register tile of up to 64 sequences
-      // per row (independent sums, so the FMAs do not wait on each other)
+      // gh = W_hh h + b_hh: each row starts at its bias
       for (int64_t r = 0; r < 3 * hidden; ++r) std::fill(gh.data() + r * w, gh.data() + r * w + e, bh ? bh[r] : 0.0f);
-      int64_t bv = 0;
-      auto tiles = [&](auto width) {
-        constexpr int W = decltype(width)::value;
-        for (; bv + W <= e; bv += W)
-          tile_rows<W, 1>(hoff.data(), val, rp, rp + 1, 1, 3 * hidden, ht.data() + bv, gh.data() + bv, w, true);
-      };
-      tiles(std::integral_constant<int, 64>{});
-      tiles(std::integral_constant<int, 32>{});
-      tiles(std::integral_constant<int, 16>{});
-      tiles(std::integral_constant<int, 8>{});
-      for (int64_t b = bv; b < e; ++b)  // the last few (fewer than eight): four partial sums per row
-        for (int64_t r = 0; r < 3 * hidden; ++r) {
-          const float* hb = ht.data() + b;
-          float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-          int64_t p = rp[r];
-          for (; p + 4 <= rp[r + 1]; p += 4) {
-            s0 += val[p] * hb[hoff[p]];
-            s1 += val[p + 1] * hb[hoff[p + 1]];
-            s2 += val[p + 2] * hb[hoff[p + 2]];
-            s3 += val[p + 3] * hb[hoff[p + 3]];
-          }
-          for (; p < rp[r + 1]; ++p) s0 += val[p] * hb[hoff[p]];
-          gh[r * w + b] += (s0 + s1) + (s2 + s3);
-        }
+      slice_product(hoff.data(), val, rp, 3 * hidden, ht.data(), gh.data(), w, e);
       const int64_t full = SPARSEDIFF_AVX2 ? e / 8 * 8 : 0;  // sequences the gates take eight at a time
       for (int64_t j = 0; j < hidden; ++j) {
         float* hj = ht.data() + j * w;
@@ -205,6 +189,14 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
           const __m256 on = _mm256_cmp_ps(_mm256_loadu_ps(live.data() + b), _mm256_setzero_ps(), _CMP_NEQ_OQ);
           _mm256_storeu_ps(hj + b, _mm256_blendv_ps(h_old, h, on));
           _mm256_storeu_ps(oj + b, _mm256_blendv_ps(_mm256_setzero_ps(), h, on));  // 0 when finished
+          if constexpr (SAVE) {  // rows r, z, n, gh_n of unit j, H rows apart; 0 when finished
+            float* sj = sv + (t * 4 * hidden + j) * nb + b0 + b;
+            const __m256 zero = _mm256_setzero_ps();
+            _mm256_storeu_ps(sj, _mm256_blendv_ps(zero, r, on));
+            _mm256_storeu_ps(sj + hidden * nb, _mm256_blendv_ps(zero, z, on));
+            _mm256_storeu_ps(sj + 2 * hidden * nb, _mm256_blendv_ps(zero, n, on));
+            _mm256_storeu_ps(sj + 3 * hidden * nb, _mm256_blendv_ps(zero, _mm256_loadu_ps(ghn + b), on));
+          }
         }
 #endif
       }
@@ -212,21 +204,31 @@ std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_pt
       // hidden units at a time, gathering the strided inputs (one by one without AVX2).
       for (int64_t b = full; b < e; ++b) {
         if (live[b] == 0.0f) continue;  // past this sequence's end: state unchanged, output 0
-        gates_over_units(g + t * nb + b0 + b, steps * nb, hidden * steps * nb, gh.data() + b, ht.data() + b, w,
-                         hidden, o + t * hidden * nb + b0 + b, nb);
+        float* saved = SAVE ? sv + t * 4 * hidden * nb + b0 + b : nullptr;
+        gates_over_units<SAVE>(g + t * nb + b0 + b, steps * nb, hidden * steps * nb, gh.data() + b, ht.data() + b, w,
+                               hidden, o + t * hidden * nb + b0 + b, nb, saved, nb);
       }
     }
     for (int64_t b = 0; b < w; ++b)
       for (int64_t j = 0; j < hidden; ++j) ld[(b0 + b) * hidden + j] = ht[j * w + b];
   };
-  const int64_t threads = at::get_num_threads();
-  if (threads > 1 && nb >= 16) {
-    const int64_t chunk = ((nb + threads - 1) / threads + 7) / 8 * 8;
-    at::parallel_for(0, (nb + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) run(c * chunk, std::min(nb, (c + 1) * chunk));
-    });
-  } else {
-    run(0, nb);
-  }
+  over_batch_slices(nb, run);
+  if constexpr (SAVE) return {out, last, gates};
   return {out, last};
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_ptr, torch::Tensor cols,
+                                          torch::Tensor values, torch::Tensor b_hh, torch::Tensor h0,
+                                          torch::Tensor lengths, bool reverse) {
+  return recurrence<false>(gi, row_ptr, cols, values, b_hh, h0, lengths, reverse);
+}
+
+// The same recurrence for training: {outputs (T, H, B), final states (B, H), gates (T, 4H, B)}, the gates
+// being what gru_recurrence_backward reads.
+std::vector<torch::Tensor> gru_recurrence_train(torch::Tensor gi, torch::Tensor row_ptr, torch::Tensor cols,
+                                                torch::Tensor values, torch::Tensor b_hh, torch::Tensor h0,
+                                                torch::Tensor lengths, bool reverse) {
+  return recurrence<true>(gi, row_ptr, cols, values, b_hh, h0, lengths, reverse);
 }

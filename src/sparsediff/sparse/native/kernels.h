@@ -31,3 +31,14 @@ torch::Tensor sparse_conv2d_values_grad(torch::Tensor dy, torch::Tensor x, torch
 std::vector<torch::Tensor> gru_recurrence(torch::Tensor gi, torch::Tensor row_ptr, torch::Tensor cols,
                                           torch::Tensor values, torch::Tensor b_hh, torch::Tensor h0,
                                           torch::Tensor lengths, bool reverse);
+
+// The same for training, also saving the gates: {outputs, final states, gates (T, 4H, B)} (gru.cpp).
+std::vector<torch::Tensor> gru_recurrence_train(torch::Tensor gi, torch::Tensor row_ptr, torch::Tensor cols,
+                                                torch::Tensor values, torch::Tensor b_hh, torch::Tensor h0,
+                                                torch::Tensor lengths, bool reverse);
+
+// The GRU's backward through time over W_hh^T in CSR: {dgi, dgh (3H, T, B), dh0 (B, H)} (gru_backward.cpp).
+std::vector<torch::Tensor> gru_recurrence_backward(torch::Tensor dout, torch::Tensor dlast, torch::Tensor gates,
+                                                   torch::Tensor out, torch::Tensor h0, torch::Tensor t_row_ptr,
+                                                   torch::Tensor t_cols, torch::Tensor t_values,
+                                                   torch::Tensor lengths, bool reverse);

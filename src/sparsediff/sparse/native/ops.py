@@ -136,6 +136,48 @@ def gru_recurrence(
     return gi.new_empty((steps, hidden, batch)), h0.new_empty((batch, hidden))
 
 
+@operator
+def gru_recurrence_train(
+    gi: Tensor,
+    row_ptr: Tensor,
+    cols: Tensor,
+    values: Tensor,
+    bias: Tensor,
+    h0: Tensor,
+    lengths: Tensor,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The GRU steps for training: outputs (T, H, B), final states (B, H) and gates (T, 4H, B) (gru.cpp)."""
+    steps, batch, hidden = gi.shape[1], gi.shape[2], h0.shape[1]
+    return (
+        gi.new_empty((steps, hidden, batch)),
+        h0.new_empty((batch, hidden)),
+        gi.new_empty((steps, 4 * hidden, batch)),
+    )
+
+
+@operator
+def gru_recurrence_backward(
+    dout: Tensor,
+    dlast: Tensor,
+    gates: Tensor,
+    out: Tensor,
+    h0: Tensor,
+    t_row_ptr: Tensor,
+    t_cols: Tensor,
+    t_values: Tensor,
+    lengths: Tensor,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The GRU's backward through time: dgi, dgh (3H, T, B) and dh0 (B, H) (gru_backward.cpp)."""
+    steps, hidden, batch = gates.shape[0], gates.shape[1] // 4, gates.shape[2]
+    return (
+        gates.new_empty((3 * hidden, steps, batch)),
+        gates.new_empty((3 * hidden, steps, batch)),
+        h0.new_empty((batch, hidden)),
+    )
+
+
 # Backward formulas go here, one under each forward declaration's name, once training kernels exist:
 #     spmm_linear.register_autograd(_spmm_linear_backward, setup_context=_spmm_linear_save)
 # with the backward itself calling its own declared operator (e.g. ``spmm_linear_backward``).
