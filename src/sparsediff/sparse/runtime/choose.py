@@ -66,6 +66,9 @@ def choose_mode(layer: nn.Module, x: torch.Tensor, policy: str | None = None) ->
         layer.choice = {"dense_ms": dense_s * 1e3, "sparse_ms": sparse_s * 1e3}
     else:
         layer.kernel_mode = "sparse" if density(layer) <= TRAIN_MAX_DENSITY.get(layer.kind, 0.0) else "dense"
+    if layer.kernel_mode == "sparse":
+        for cw in layer.compact_weights.values():
+            cw.drop_flat(layer)
     return layer.kernel_mode
 
 

@@ -89,6 +89,10 @@ def flat_positions(
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
 
+def _compact_index(index: torch.Tensor, numel: int) -> torch.Tensor:
+    return index.to(torch.int32) if numel < 2**31 else index.to(torch.int64)
+
+
 @dataclass
 class CompactWeight:
     """One compact weight of a module: its names there and its dense geometry.
@@ -161,8 +165,12 @@ class CompactWeight:
         return cache.setdefault(self.name, {})
 
     def remember(self, module: nn.Module, flat: torch.Tensor) -> None:
-        self._cache(module).clear()
-        self._cache(module)["flat"] = flat
+        """Forget what was derived from the old layout and keep the new one's flat positions (int32 where
+        they fit: 4 bytes per value; not kept by a layer on the sparse kernels, see :meth:`flat`)."""
+        cache = self._cache(module)
+        cache.clear()
+        if getattr(module, "kernel_mode", None) != "sparse":
+            cache["flat"] = _compact_index(flat, self.numel)
 
     def derived(self, module: nn.Module, key: str, build) -> Any:
         """A structure derived from the layout (the transposed CSR of the backward, a convolution's
@@ -173,17 +181,31 @@ class CompactWeight:
         return cache[key]
 
     def flat(self, module: nn.Module) -> torch.Tensor:
-        """The flat dense positions of the values (int64, on the values' device), in value order."""
+        """The flat dense positions of the values (int32, or int64 past 2**31 entries; on the values'
+        device), in value order."""
 
         def build():
             rp, cols = self.row_ptr(module).cpu(), self.cols(module).cpu()
-            return flat_positions(rp, cols, self.columns, self.panel)
+            return _compact_index(flat_positions(rp, cols, self.columns, self.panel), self.numel)
 
-        flat = self.derived(module, "flat", build)
+        cache = self._cache(module)
+        flat = cache.get("flat")
+        if flat is None:
+            flat = build()
+            # kept where every call scatters (the dense mode); a layer on the sparse kernels needs the
+            # positions only on update steps, and saves their 4 bytes per value meanwhile
+            if getattr(module, "kernel_mode", None) != "sparse":
+                cache["flat"] = flat
         device = self.values(module).device
         if flat.device != device:
-            flat = self._cache(module)["flat"] = flat.to(device)
+            flat = flat.to(device)
+            if "flat" in cache:
+                cache["flat"] = flat
         return flat
+
+    def drop_flat(self, module: nn.Module) -> None:
+        """Forget the cached flat positions (rebuilt from the layout when next needed)."""
+        self._cache(module).pop("flat", None)
 
     def mask(self, module: nn.Module) -> torch.Tensor:
         """The bool mask of the kept positions, in the dense weight's shape (built on demand)."""
@@ -224,7 +246,7 @@ class CompactWeight:
         device = old_flat.device
         flat = flat.to(device)
         where = torch.full((self.numel,), -1, dtype=torch.int64, device=device)
-        where[flat] = torch.arange(flat.numel(), device=device)
+        where[flat] = torch.arange(flat.numel(), device=device)  # the new index of each kept position
         moved = where[old_flat]
         kept = moved >= 0
         self.row_ptr(module).copy_(row_ptr)

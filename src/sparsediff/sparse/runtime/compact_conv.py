@@ -68,9 +68,7 @@ class _ConvFn(torch.autograd.Function):
         if ctx.sparse:
             g = layer.geometry4()
             if need_x:
-                t = cw.derived(
-                    layer, "transposed", lambda: conv_grad.transposed(cw.row_ptr(layer), cw.cols(layer), g)
-                )
+                t = cw.derived(layer, "transposed", lambda: _transposed(layer, cw, g))
                 offsets = cw.derived(
                     layer,
                     ("t_offsets", *dy.shape[-2:]),
@@ -91,6 +89,11 @@ class _ConvFn(torch.autograd.Function):
         if need_b and ctx.has_bias:
             db = dy.sum((0, 2, 3))
         return dx, dv, db, None
+
+
+def _transposed(layer: nn.Module, cw: CompactWeight, g) -> conv_grad.TransposedKernel:
+    t = conv_grad.transposed(cw.row_ptr(layer).cpu(), cw.cols(layer).cpu(), g)
+    return t._replace(perm=t.perm.to(torch.int32))  # kept for the layout's lifetime: 4 bytes per value
 
 
 class CompactConv(CompactLayer):

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..native import kernels
 from .compact import CompactLayer, CompactWeight, panel_width
-from .matrix import NO_BIAS, PARALLEL_GRAIN
+from .matrix import NO_BIAS, PARALLEL_GRAIN, CompressedMatrix
 
 try:  # the backward kernels' Python side (sparse/runtime/linear_grad.py)
     from . import linear_grad
@@ -69,7 +69,13 @@ class _LinearFn(torch.autograd.Function):
 
 
 def _transposed(layer: nn.Module, cw: CompactWeight):
-    return cw.derived(layer, "transposed", lambda: linear_grad.transposed(cw.matrix(layer)))
+    def build():
+        # kept for the layout's lifetime: the structure of W^T and an int32 perm (its values are gathered
+        # afresh at every backward, so the copy transposed() made is dropped)
+        t, perm = linear_grad.transposed(cw.matrix(layer))
+        return CompressedMatrix(t.row_ptr, t.cols, NO_BIAS, t.columns, t.panel), perm.to(torch.int32)
+
+    return cw.derived(layer, "transposed", build)
 
 
 class CompactLinear(CompactLayer):
