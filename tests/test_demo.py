@@ -29,33 +29,49 @@ def test_report_has_a_table_and_grids_per_family(tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
     ldm = [
-        ("dense", 0.0, out / "dense", _eval(tmp_path, "a", 21.5, 1000, "fid_sparsediff_fmnist", "ddim")),
-        ("rigl", 0.5, out / "rigl-50", _eval(tmp_path, "b", 23.25, 510, "fid_sparsediff_fmnist", "ddim")),
+        (
+            "dense",
+            0.0,
+            "dense",
+            out / "dense",
+            _eval(tmp_path, "a", 21.5, 1000, "fid_sparsediff_fmnist", "ddim"),
+        ),
+        (
+            "rigl",
+            0.5,
+            "sparse",
+            out / "rigl-50-sparse",
+            _eval(tmp_path, "b", 23.25, 510, "fid_sparsediff_fmnist", "ddim"),
+        ),
     ]
     chiro = [
         (
             "dense",
             0.0,
+            "dense",
             out / "kanjivg" / "dense",
             _eval(tmp_path, "c", 3.0, 1000, "fid_sparsediff_strokes", "ddpm"),
         ),
         (
             "rigl",
             0.5,
+            "dense",
             out / "kanjivg" / "rigl-50",
             _eval(tmp_path, "d", 4.0, 500, "fid_sparsediff_strokes", "ddpm"),
         ),
     ]
-    ldm[1][3]["sampling_time"] = {"dense": 3.0, "sparse": 1.2, "speedup": 2.5}
+    ldm[1][4]["sampling_time"] = {"dense": 3.0, "sparse": 1.2, "speedup": 2.5}
+    ldm[1][4]["train_seconds"] = 30.5
     ae = {"latent_shape": [4, 8, 8], "val_mse": 0.0163, "val_psnr_db": 23.9}
     path = write_report(out, [("ldm", ldm), ("chirodiff", chiro)], ae, seconds=600.0)
     text = path.read_text()
     assert "## Latent diffusion on Fashion-MNIST" in text and "## ChiroDiff on KanjiVG" in text
-    assert "| rigl | 50% | 23.25 | 510 / 1,000 |" in text and "(0.50x)" in text
-    assert "| dense | 0% | 3.00 | 1,000 / 1,000 |" in text
+    assert "| rigl | 50% | sparse | 23.25 | 510 / 1,000 |" in text and "(0.50x)" in text
+    assert "| 30 s (2.00x) |" in text  # training time against dense's 61 s
+    assert "| dense | 0% | dense | 3.00 | 1,000 / 1,000 |" in text
     assert "sampling time, dense / sparse backend" in text and "| 3.0 s / 1.2 s (2.50x) |" in text
     assert "fid_sparsediff_strokes" in text and "DDPM" in text and "10.0 minutes" in text
-    for name in ("dense.png", "rigl-50.png", "kanjivg-dense.png", "kanjivg-rigl-50.png"):
+    for name in ("dense.png", "rigl-50-sparse.png", "kanjivg-dense.png", "kanjivg-rigl-50.png"):
         assert (out / "grids" / name).is_file() and f"grids/{name}" in text
 
 

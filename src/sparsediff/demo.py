@@ -1,9 +1,10 @@
 """``sparsediff demo``: the main job on bundled data, end to end, in about a quarter of an hour on 2 cores.
 
-Fashion-MNIST latent diffusion: train (or reuse) the first stage, train a dense and a RigL 50 %
-denoiser from the same seed, sample and evaluate both; then the same for ChiroDiff on KanjiVG strokes;
+Fashion-MNIST latent diffusion: train (or reuse) the first stage, train a dense denoiser and RigL 50 %
+and 90 % ones from the same seed (the sparse ones truly sparse: ``backend: sparse``, compact layers on
+sparse kernels), sample and evaluate them; then dense and RigL 50 % for ChiroDiff on KanjiVG strokes;
 write ``runs/demo/report.md`` with a table per model family (FID in the shipped feature spaces, non-zero
-parameters, FLOPs, training time) and sample grids.
+parameters, FLOPs, training and sampling time against dense) and sample grids.
 Finished steps are reused: running it again only redoes what is missing.
 
 ``--engine`` runs the engine-only demo instead: a small network trained dense and 90 %-sparse with RigL
@@ -25,7 +26,9 @@ from .sparse import count_flops, sparsify
 from .sparse.methods import is_dense
 
 DEMO_DIR = Path("runs/demo")
-METHODS = (("dense", 0.0), ("rigl", 0.5))
+# (method, sparsity, backend) of the latent-diffusion runs and of the stroke runs
+METHODS = (("dense", 0.0, "dense"), ("rigl", 0.5, "sparse"), ("rigl", 0.9, "sparse"))
+STROKE_METHODS = (("dense", 0.0, "dense"), ("rigl", 0.5, "sparse"))
 
 
 # ---------------------------------------------------------------------------- the main demo
@@ -86,8 +89,10 @@ def time_backends(
     return out
 
 
-def _run_name(method: str, sparsity: float) -> str:
-    return method if is_dense(method) else f"{method}-{round(sparsity * 100)}"
+def _run_name(method: str, sparsity: float, backend: str = "dense") -> str:
+    if is_dense(method):
+        return method
+    return f"{method}-{round(sparsity * 100)}" + ("-sparse" if backend == "sparse" else "")
 
 
 def run_demo(
@@ -95,8 +100,9 @@ def run_demo(
     steps: int | None = None,
     num_samples: int = 500,
     quiet: bool = False,
-    methods: tuple[tuple[str, float], ...] = METHODS,
+    methods: tuple[tuple[str, float, str], ...] = METHODS,
     strokes: bool = True,
+    stroke_methods: tuple[tuple[str, float, str], ...] = STROKE_METHODS,
     stroke_steps: int | None = None,
     stroke_samples: int = 256,
     stroke_sampler: str = "ddim",
@@ -116,28 +122,29 @@ def run_demo(
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if quiet else print
-    n_parts = 1 + len(methods) * (2 if strokes else 1)
+    n_parts = 1 + len(methods) + (len(stroke_methods) if strokes else 0)
     part = 1
     say(f"[demo] {part}/{n_parts} first stage (autoencoder) -> {out / 'autoencoder'}")
     base_overrides: dict[str, Any] = {"data": {"train_size": 20000}}
     ae = train_autoencoder(load_config("ldm-fmnist", base_overrides), out / "autoencoder", quiet=quiet)
     sections = []
     rows = []
-    for method, sparsity in methods:
+    for method, sparsity, backend in methods:
         part += 1
-        say(f"[demo] {part}/{n_parts} latent diffusion, {method} (sparsity {sparsity:g})")
+        say(f"[demo] {part}/{n_parts} latent diffusion, {method} (sparsity {sparsity:g}, {backend} backend)")
         overrides = {
             **base_overrides,
             "first_stage": {"path": str(out / "autoencoder")},
-            "sparse": {"method": method, "sparsity": sparsity},
+            "sparse": {"method": method, "sparsity": sparsity, "backend": backend},
         }
         if steps:
             overrides["train"] = {"max_steps": steps}
-        run_dir = out / _run_name(method, sparsity)
+        run_dir = out / _run_name(method, sparsity, backend)
         rows.append(
             (
                 method,
                 sparsity,
+                backend,
                 run_dir,
                 _train_and_evaluate("ldm-fmnist", overrides, run_dir, num_samples, quiet, say),
             )
@@ -145,13 +152,15 @@ def run_demo(
     sections.append(("ldm", rows))
     if strokes:
         rows = []
-        for method, sparsity in methods:
+        for method, sparsity, backend in stroke_methods:
             part += 1
-            say(f"[demo] {part}/{n_parts} ChiroDiff on KanjiVG, {method} (sparsity {sparsity:g})")
-            overrides = {"sparse": {"method": method, "sparsity": sparsity}}
+            say(
+                f"[demo] {part}/{n_parts} ChiroDiff on KanjiVG, {method} (sparsity {sparsity:g}, {backend} backend)"
+            )
+            overrides = {"sparse": {"method": method, "sparsity": sparsity, "backend": backend}}
             if stroke_steps:
                 overrides["train"] = {"max_steps": stroke_steps}
-            run_dir = out / "kanjivg" / _run_name(method, sparsity)
+            run_dir = out / "kanjivg" / _run_name(method, sparsity, backend)
             result = _train_and_evaluate(
                 "chirodiff-kanjivg-cpu",
                 overrides,
@@ -162,7 +171,7 @@ def run_demo(
                 sampler=stroke_sampler,
                 sampler_steps=stroke_sampler_steps,
             )
-            rows.append((method, sparsity, run_dir, result))
+            rows.append((method, sparsity, backend, run_dir, result))
         sections.append(("chirodiff", rows))
     report = write_report(out, sections, ae, time.perf_counter() - t_start)
     say(
@@ -172,20 +181,27 @@ def run_demo(
 
 
 def _table(rows: list, metric: str) -> list[str]:
-    dense = next((r for r in rows if r[0] == "dense"), None)
+    dense = next((r for r in rows if is_dense(r[0])), None)
     lines = [
-        f"| method | sparsity | {metric} | non-zero params | FLOPs / sample (sparse) | FLOPs / sample (dense) "
-        "| training FLOPs (vs dense) | train time | sampling time, dense / sparse backend |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| method | sparsity | training backend | {metric} | non-zero params | FLOPs / sample (sparse) "
+        "| FLOPs / sample (dense) | training FLOPs (vs dense) | train time (dense / this) "
+        "| sampling time, dense / sparse backend |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for method, sparsity, _run_dir, r in rows:
+    dense_r = dense[4] if dense else {}
+    for method, sparsity, backend, _run_dir, r in rows:
         ratio = ""
-        if dense and r.get("flops_train_total") and dense[3].get("flops_train_total"):
-            ratio = f" ({r['flops_train_total'] / dense[3]['flops_train_total']:.2f}x)"
+        if dense and r.get("flops_train_total") and dense_r.get("flops_train_total"):
+            ratio = f" ({r['flops_train_total'] / dense_r['flops_train_total']:.2f}x)"
+        seconds = r.get("train_seconds") or 0.0
+        speed = ""
+        if dense and not is_dense(method) and seconds and dense_r.get("train_seconds"):
+            speed = f" ({dense_r['train_seconds'] / seconds:.2f}x)"
         lines.append(
-            f"| {method} | {sparsity:.0%} | {r['fid']['value']:.2f} | {r['params_nonzero']:,} / {r['params_total']:,} "
+            f"| {method} | {sparsity:.0%} | {backend} | {r['fid']['value']:.2f} "
+            f"| {r['params_nonzero']:,} / {r['params_total']:,} "
             f"| {_fmt_flops(r['flops_per_sample_sparse'])} | {_fmt_flops(r['flops_per_sample_dense'])} "
-            f"| {_fmt_flops(r.get('flops_train_total'))}{ratio} | {r.get('train_seconds') or 0:.0f} s "
+            f"| {_fmt_flops(r.get('flops_train_total'))}{ratio} | {seconds:.0f} s{speed} "
             f"| {_fmt_backends(r.get('sampling_time'))} |"
         )
     return lines
@@ -201,7 +217,7 @@ def _grids(out: Path, rows: list, prefix: str) -> list[str]:
     grids = out / "grids"
     grids.mkdir(exist_ok=True)
     lines = []
-    for method, sparsity, run_dir, r in rows:
+    for method, sparsity, _backend, run_dir, r in rows:
         name = f"{prefix}{run_dir.name}.png"
         shutil.copyfile(r["grid"], grids / name)
         lines += [f"**{method} {sparsity:.0%}**", "", f"![{method}](grids/{name})", ""]
@@ -209,10 +225,11 @@ def _grids(out: Path, rows: list, prefix: str) -> list[str]:
 
 
 def write_report(out: Path, sections: list, ae: dict[str, Any], seconds: float) -> Path:
-    """``out/report.md`` from ``sections``: a list of ``(family, rows)``, rows ``(method, sparsity, dir, eval)``."""
+    """``out/report.md`` from ``sections``: a list of ``(family, rows)``, rows ``(method, sparsity, backend,
+    dir, eval)``."""
     lines = ["# sparsediff demo: sparse-to-sparse training, dense vs RigL", ""]
     for family, rows in sections:
-        r0 = rows[0][3]
+        r0 = rows[0][4]
         metric = r0["fid"]["metric"]
         sampler = r0["sampler"]
         if family == "ldm":
