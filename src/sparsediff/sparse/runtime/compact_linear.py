@@ -25,28 +25,31 @@ except ImportError:  # pragma: no cover - absent only while it is being written
 
 
 class _LinearFn(torch.autograd.Function):
-    """``y = x W^T + b`` for 2-D ``x``, W the layer's compact weight (its ``values`` are an input)."""
+    """``y = x W^T + b`` for 2-D ``x``, W the layer's compact weight ``name`` (its ``values`` are an input);
+    with ``transposed``, ``y^T`` (out, rows) in the kernel's own order (a GRU's input projections)."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, layer):
-        cw = layer.compact_weights["weight"]
+    def forward(ctx, x, values, bias, layer, name="weight", transposed=False):
+        cw = layer.compact_weights[name]
         sparse = layer.kernel_mode == "sparse"
         if sparse:
             m = cw.matrix(layer, values)
             b = NO_BIAS if bias is None else bias
-            y = kernels().spmm_linear(x, m.row_ptr, m.cols, values, b, m.panel, PARALLEL_GRAIN, False)
+            y = kernels().spmm_linear(x, m.row_ptr, m.cols, values, b, m.panel, PARALLEL_GRAIN, transposed)
         else:
             y = F.linear(x, cw.scatter(layer, values), bias)
-        ctx.layer, ctx.sparse, ctx.has_bias = layer, sparse, bias is not None
+            y = y.t().contiguous() if transposed else y
+        ctx.layer, ctx.name, ctx.transposed = layer, name, transposed
+        ctx.sparse, ctx.has_bias = sparse, bias is not None
         ctx.save_for_backward(x, values)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, values = ctx.saved_tensors
-        layer = ctx.layer
-        cw = layer.compact_weights["weight"]
-        dy = dy.contiguous()
+        layer, name = ctx.layer, ctx.name
+        cw = layer.compact_weights[name]
+        dy = (dy.t() if ctx.transposed else dy).contiguous()
         need_x, need_v, need_b = ctx.needs_input_grad[:3]
         dx = dv = db = None
         if ctx.sparse and linear_grad is not None:
@@ -55,17 +58,29 @@ class _LinearFn(torch.autograd.Function):
                 dx = linear_grad.input_grad(dy, t_matrix, values, perm)
             if need_v:
                 dv = linear_grad.values_grad(dy, x, cw.matrix(layer, values))
-            layer.captures("weight", lambda: linear_grad.dense_grad(dy, x))
+            layer.captures(name, lambda: linear_grad.dense_grad(dy, x))
         else:
             if need_x:
                 dx = dy @ cw.scatter(layer, values)
             dense = dy.t() @ x
             if need_v:
                 dv = cw.gather(layer, dense)
-            layer.captures("weight", dense)
+            layer.captures(name, dense)
         if need_b and ctx.has_bias:
             db = dy.sum(0)
-        return dx, dv, db, None
+        return dx, dv, db, None, None, None
+
+
+def linear_rows(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    layer: nn.Module,
+    name: str,
+    transposed: bool,
+) -> torch.Tensor:
+    """The differentiable product of 2-D ``x`` with ``layer``'s compact weight ``name`` (see _LinearFn)."""
+    return _LinearFn.apply(x, values, bias, layer, name, transposed)
 
 
 def _transposed(layer: nn.Module, cw: CompactWeight):

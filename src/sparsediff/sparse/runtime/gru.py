@@ -129,13 +129,13 @@ class SparseGRU(CompressedLayer):
             if order is not None:  # back to the caller's order
                 back = x.unsorted_indices.to(inp.device)
                 inp, h_n = inp.index_select(1, back), h_n.index_select(1, back)
-            return _repack(inp, x), h_n
+            return repack(inp, x), h_n
         if unbatched:
             return inp.squeeze(1), h_n.squeeze(1)
         return (inp.transpose(0, 1) if self.batch_first else inp), h_n
 
 
-def _repack(padded: torch.Tensor, like: PackedSequence) -> PackedSequence:
+def repack(padded: torch.Tensor, like: PackedSequence) -> PackedSequence:
     """``padded`` (T, B, H), in the caller's batch order, packed exactly as ``like`` is."""
     order = like.sorted_indices
     rows = padded if order is None else padded.index_select(1, order.to(padded.device))
