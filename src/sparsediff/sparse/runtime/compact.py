@@ -302,9 +302,11 @@ class CompactLayer(nn.Module):
             cw.forget(self)
 
     def captures(self, name: str, dense_grad) -> None:
-        hand_to_capture(self, name, dense_grad)
+        if self.capture is not None:  # tested here, so that a compiled backward only breaks on update steps
+            hand_to_capture(self, name, dense_grad)
 
 
+@torch.compiler.disable  # Python bookkeeping of RigL update steps: run eagerly inside a compiled backward
 def hand_to_capture(host: nn.Module, name: str, dense_grad) -> None:
     """Hand the dense gradient of ``host``'s compact weight ``name`` to the RigL capture of this step, if
     there is one (``dense_grad``: the tensor, or a function computing it, so that other steps pay

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..native import kernels
+from ..native import native_for
 from . import conv_grad
 from .compact import CompactLayer, CompactWeight
 from .conv import convertible
@@ -34,7 +34,7 @@ class _ConvFn(torch.autograd.Function):
         sparse = layer.kernel_mode == "sparse"
         if sparse:
             b = NO_BIAS if bias is None else bias
-            y = kernels().sparse_conv2d(
+            y = native_for(x, values).sparse_conv2d(
                 x,
                 cw.row_ptr(layer),
                 cw.cols(layer),

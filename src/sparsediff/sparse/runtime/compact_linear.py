@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..native import kernels
+from ..native import native_for
 from .compact import CompactLayer, CompactWeight, panel_width
 from .matrix import NO_BIAS, PARALLEL_GRAIN, CompressedMatrix
 
@@ -35,7 +35,7 @@ class _LinearFn(torch.autograd.Function):
         if sparse:
             m = cw.matrix(layer, values)
             b = NO_BIAS if bias is None else bias
-            y = kernels().spmm_linear(x, m.row_ptr, m.cols, values, b, m.panel, PARALLEL_GRAIN, transposed)
+            y = native_for(x, values).spmm_linear(x, m.row_ptr, m.cols, values, b, m.panel, PARALLEL_GRAIN, transposed)
         else:
             y = F.linear(x, cw.scatter(layer, values), bias)
             y = y.t().contiguous() if transposed else y
