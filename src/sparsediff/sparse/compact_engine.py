@@ -69,6 +69,15 @@ def _refuse_wrapped(model: nn.Module, optimizer: Any) -> None:
         )
 
 
+def _stepped(state: Mapping[str, Any] | None) -> bool:
+    """Whether an optimiser's state of one parameter comes from a step: Adagrad makes its state (step 0)
+    at construction, every other torch optimiser at its first step."""
+    if not state:
+        return False
+    step = state.get("step")
+    return step is None or float(step) != 0
+
+
 class CompactEngine(SparseEngine):
     """Static, RigL and MagRan on compact layers (see the module docstring).
 
@@ -108,7 +117,9 @@ class CompactEngine(SparseEngine):
                 raise ConfigError(
                     f"backend='sparse' needs the weights' values; {name!r} is on the meta device"
                 )
-        if self.optimizer is not None and any(self.optimizer.state.get(p) for p in self._params.values()):
+        if self.optimizer is not None and any(
+            _stepped(self.optimizer.state.get(p)) for p in self._params.values()
+        ):
             raise ConfigError(
                 "backend='sparse' moves the optimiser to the compact parameters, so it must not have stepped "
                 "yet: call sparsify right after building the optimiser"
@@ -146,6 +157,19 @@ class CompactEngine(SparseEngine):
         swap = {id(self._dense_params[n]): self._params[n] for n in self.names}
         for group in self.optimizer.param_groups:
             group["params"] = [swap.get(id(p), p) for p in group["params"]]
+        # State an optimiser makes at construction (Adagrad's accumulator, filled with its initial value)
+        # moves to the compact parameter: the dense-shaped tensors taken at the kept positions.
+        state = self.optimizer.state
+        for name in self.names:
+            dense, target = self._dense_params[name], self.targets[name]
+            if dense not in state:
+                continue
+            state[target.values] = {
+                key: target.weight.gather(target.host, s).clone()
+                if torch.is_tensor(s) and tuple(s.shape) == self._shapes[name]
+                else s
+                for key, s in state.pop(dense).items()
+            }
 
     def attach_ema(self, ema: Any, parameters: Iterable[torch.Tensor] | None = None) -> Any:
         """Keep an EMA copy of the model on the compact layout (``sparsify(..., ema=ema)``).
