@@ -1,4 +1,8 @@
-"""The engine's public behaviour: wrapped optimisers, mixed precision, errors, state dicts, real models."""
+"""The engine's public behaviour: wrapped optimisers, mixed precision, errors, state dicts, real models.
+
+What holds for both backends runs on both: the masked dense tensors (``backend="dense"``) and the compact
+layers (``backend="sparse"``), whose weights, gradients and optimiser state are read through
+``engine.dense_view`` in the dense weight's shape."""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import sparsediff
 from helpers import LayerBank, invariant_problems, tiny_unet, train_steps
 from sparsediff.errors import ConfigError, StateError
 
+BACKENDS = ("dense", "sparse")
+
 
 def _model_and_opt(seed=0):
     torch.manual_seed(seed)
@@ -17,17 +23,31 @@ def _model_and_opt(seed=0):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
 
 
+def _sparsify_and_prepare(acc, model, opt, **kwargs):
+    """``sparsify`` and ``accelerator.prepare`` in the order the backend needs: compact layers replace
+    the parameters, so with ``backend="sparse"`` sparsify comes first; the masked engine is also built on
+    the prepared objects, as here."""
+    if kwargs.get("backend") == "sparse":
+        engine = sparsediff.sparsify(model, opt, **kwargs)
+        model, opt = acc.prepare(model, opt)
+    else:
+        model, opt = acc.prepare(model, opt)
+        engine = sparsediff.sparsify(model, opt, **kwargs)
+    return model, opt, engine
+
+
 # ---------------------------------------------------------------- optimiser wrappers and mixed precision
 
 
-def test_accelerate_wrapped_optimizer():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accelerate_wrapped_optimizer(backend):
     from accelerate import Accelerator
 
     model, opt = _model_and_opt()
     accelerator = Accelerator(cpu=True)
-    model, opt = accelerator.prepare(model, opt)
+    kwargs = dict(method="rigl", sparsity=0.7, update_every=2, total_steps=40, backend=backend)
+    model, opt, eng = _sparsify_and_prepare(accelerator, model, opt, **kwargs)
     assert type(opt).__name__ == "AcceleratedOptimizer"
-    eng = sparsediff.sparsify(model, opt, method="rigl", sparsity=0.7, update_every=2, total_steps=40)
     gen = torch.Generator().manual_seed(0)
     changes = 0
     for _ in range(20):
@@ -39,21 +59,34 @@ def test_accelerate_wrapped_optimizer():
         assert invariant_problems(eng, opt) == []
         for name, p in eng.named_parameters():
             newly = eng.masks[name] & ~before[name]
-            assert torch.all(p.detach()[newly] == 0)
+            assert torch.all(eng.dense_view(name)[newly] == 0)
             for s in opt.optimizer.state[p].values():
                 if torch.is_tensor(s) and s.shape == p.shape:
-                    assert torch.all(s[newly] == 0)
+                    assert torch.all(eng.dense_view(name, s)[newly] == 0)
     assert eng.step_count == 20 and changes > 0
 
 
-def test_accelerate_gradient_accumulation_counts_optimizer_steps():
+# The method matters with compact layers: RigL sums the dense gradients of the micro-batches (the
+# accelerator's gradient_accumulation_steps, given to sparsify) before an update chooses what grows.
+@pytest.mark.parametrize(
+    ("backend", "method"), [("dense", "magran"), ("sparse", "magran"), ("sparse", "rigl")]
+)
+def test_accelerate_gradient_accumulation_counts_optimizer_steps(backend, method):
     from accelerate import Accelerator
 
     model, opt = _model_and_opt()
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
-    model, opt = accelerator.prepare(model, opt)
-    eng = sparsediff.sparsify(
-        model, opt, method="magran", sparsity=0.5, update_every=3, end_step="never", decay="constant"
+    model, opt, eng = _sparsify_and_prepare(
+        accelerator,
+        model,
+        opt,
+        method=method,
+        sparsity=0.5,
+        update_every=3,
+        end_step="never",
+        decay="constant",
+        backend=backend,
+        accelerator=accelerator,
     )
     gen = torch.Generator().manual_seed(0)
     for _ in range(24):  # 24 micro-batches = 6 optimiser steps
@@ -65,18 +98,23 @@ def test_accelerate_gradient_accumulation_counts_optimizer_steps():
             opt.zero_grad()
     assert eng.step_count == 6
     assert eng.num_updates == 2
+    assert invariant_problems(eng, opt) == []
 
 
-def test_overflowing_mixed_precision_step_makes_no_topology_update():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overflowing_mixed_precision_step_makes_no_topology_update(backend):
     model, opt = _model_and_opt()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    eng = sparsediff.sparsify(model, opt, method="rigl", sparsity=0.7, update_every=3, total_steps=100)
+    eng = sparsediff.sparsify(
+        model, opt, method="rigl", sparsity=0.7, update_every=3, total_steps=100, backend=backend
+    )
+    first = dict(eng.named_parameters())["layers.0.weight"]  # the dense weight, or its compact values
     gen = torch.Generator().manual_seed(0)
 
     def one_step(overflow: bool) -> bool:
         scaler.scale(model.loss(model.inputs(gen))).backward()
         if overflow:
-            model.layers[0].weight.grad[0, 0] = float("inf")
+            first.grad.view(-1)[0] = float("inf")
         scaler.step(opt)
         scaler.update()
         changed = eng.step()
@@ -86,30 +124,32 @@ def test_overflowing_mixed_precision_step_makes_no_topology_update():
     for _ in range(2):
         one_step(False)
     masks_before = {n: m.clone() for n, m in eng.masks.items()}
-    weights_before = model.layers[0].weight.detach().clone()
+    weights_before = eng.dense_view("layers.0.weight").clone()
     # Step 3 is due for an update, but its gradients overflow: the scaler skips it.
     assert one_step(True) is False
     assert eng.step_count == 2 and eng.num_updates == 0
     assert all(torch.equal(masks_before[n], eng.masks[n]) for n in eng.names)
-    assert torch.equal(weights_before, model.layers[0].weight.detach())
+    assert torch.equal(weights_before, eng.dense_view("layers.0.weight"))
     # The retried step 3 updates, with the gradients of its own (finite) batch.
     one_step(False)
     assert eng.step_count == 3 and eng.num_updates == 1
     assert invariant_problems(eng, opt) == []
 
 
-def test_mask_gradients_before_clipping_gives_sparse_norm():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_gradients_before_clipping_gives_sparse_norm(backend):
     model, opt = _model_and_opt()
-    eng = sparsediff.sparsify(model, opt, method="static", sparsity=0.8)
+    eng = sparsediff.sparsify(model, opt, method="static", sparsity=0.8, backend=backend)
     model.loss(model.inputs(torch.Generator().manual_seed(0))).backward()
     eng.mask_gradients()
     for name, p in eng.named_parameters():
-        assert torch.all(p.grad[~eng.masks[name]] == 0)
+        assert torch.all(eng.dense_view(name, p.grad)[~eng.masks[name]] == 0)
 
 
 # ---------------------------------------------------------------- real models
 
 
+# backend="sparse" on this UNet: tests/test_backend_trajectories.py (the same checks, next to the dense run)
 def test_works_unchanged_on_diffusers_unet():
     torch.manual_seed(0)
     unet = tiny_unet()
@@ -135,12 +175,16 @@ def test_works_unchanged_on_diffusers_unet():
     assert rep.params_total == sum(p.numel() for p in unet.parameters())
 
 
-def test_works_unchanged_on_gru():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_works_unchanged_on_gru(backend):
     torch.manual_seed(0)
     gru = nn.GRU(5, 16, num_layers=2, bidirectional=True, batch_first=True)
+    weights = sorted(n for n, p in gru.named_parameters() if n.startswith("weight_"))
     opt = torch.optim.AdamW(gru.parameters(), lr=1e-2)
-    eng = sparsediff.sparsify(gru, opt, method="magran", sparsity=0.6, update_every=1, total_steps=20)
-    assert sorted(eng.names) == sorted(n for n, p in gru.named_parameters() if n.startswith("weight_"))
+    eng = sparsediff.sparsify(
+        gru, opt, method="magran", sparsity=0.6, update_every=1, total_steps=20, backend=backend
+    )
+    assert sorted(eng.names) == weights
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
         out, _ = gru(torch.randn(3, 7, 5, generator=gen))
@@ -199,15 +243,21 @@ def test_other_bad_settings():
         )
 
 
-def test_state_dict_from_another_model_names_the_layer():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_from_another_model_names_the_layer(backend):
     model, opt = _model_and_opt()
-    eng = sparsediff.sparsify(model, opt, method="rigl", sparsity=0.5, total_steps=10)
+    eng = sparsediff.sparsify(model, opt, method="rigl", sparsity=0.5, total_steps=10, backend=backend)
     state = eng.state_dict()
 
     torch.manual_seed(0)
     other = LayerBank([("linear", 12, 11), ("conv", 3, 5, 3)])
     other_eng = sparsediff.sparsify(
-        other, torch.optim.AdamW(other.parameters()), method="rigl", sparsity=0.5, total_steps=10
+        other,
+        torch.optim.AdamW(other.parameters()),
+        method="rigl",
+        sparsity=0.5,
+        total_steps=10,
+        backend=backend,
     )
     with pytest.raises(
         StateError, match=r"layer 'layers.0.weight' has shape \(10, 12\) in the state but \(11, 12\)"
@@ -216,26 +266,35 @@ def test_state_dict_from_another_model_names_the_layer():
 
     third = LayerBank([("linear", 12, 10)])
     third_eng = sparsediff.sparsify(
-        third, torch.optim.AdamW(third.parameters()), method="rigl", sparsity=0.5, total_steps=10
+        third,
+        torch.optim.AdamW(third.parameters()),
+        method="rigl",
+        sparsity=0.5,
+        total_steps=10,
+        backend=backend,
     )
     with pytest.raises(StateError, match="unexpected layer.*layers.1.weight"):
         third_eng.load_state_dict(state)
 
     model2, opt2 = _model_and_opt()
-    eng_other_sparsity = sparsediff.sparsify(model2, opt2, method="rigl", sparsity=0.6, total_steps=10)
+    eng_other_sparsity = sparsediff.sparsify(
+        model2, opt2, method="rigl", sparsity=0.6, total_steps=10, backend=backend
+    )
     with pytest.raises(StateError, match="sparsity=0.5"):
         eng_other_sparsity.load_state_dict(state)
     with pytest.raises(StateError, match="not a sparsediff engine state"):
         eng.load_state_dict({"masks": {}})
 
 
-def test_state_dict_round_trip_in_process():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_round_trip_in_process(backend):
+    kwargs = dict(method="magran", sparsity=0.6, update_every=2, total_steps=50, backend=backend)
     model, opt = _model_and_opt()
-    eng = sparsediff.sparsify(model, opt, method="magran", sparsity=0.6, update_every=2, total_steps=50)
+    eng = sparsediff.sparsify(model, opt, **kwargs)
     train_steps(model, opt, eng, 9)
     state = eng.state_dict()
     model2, opt2 = _model_and_opt(seed=1)
-    eng2 = sparsediff.sparsify(model2, opt2, method="magran", sparsity=0.6, update_every=2, total_steps=50)
+    eng2 = sparsediff.sparsify(model2, opt2, **kwargs)
     eng2.load_state_dict(state)
     assert eng2.step_count == 9 and eng2.num_updates == eng.num_updates
     assert all(torch.equal(eng.masks[n], eng2.masks[n]) for n in eng.names)
@@ -257,9 +316,12 @@ def test_weights_loaded_behind_the_engine_are_refused_not_zeroed():
     assert eng.step_count == 1 and eng.check_invariants() == []
 
 
-def test_density_report_text_and_dict():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_density_report_text_and_dict(backend):
     model, opt = _model_and_opt()
-    eng = sparsediff.sparsify(model, opt, method="static", sparsity=0.75, distribution="uniform")
+    eng = sparsediff.sparsify(
+        model, opt, method="static", sparsity=0.75, distribution="uniform", backend=backend
+    )
     rep = eng.report()
     d = rep.to_dict()
     assert d["target_nonzero"] == sum(eng.budgets.values())
