@@ -67,6 +67,20 @@ class CompactGRU(CompactLayer, nn.GRU):
             return dense
         return super().__getattr__(name)
 
+    def __getstate__(self) -> dict:
+        # nn.GRU keeps its weights as read (_flat_weights): here dense matrices scattered from the values,
+        # results of autograd, which neither deepcopy nor pickle take. A copy scatters its own again.
+        state = super().__getstate__()
+        state["_flat_weights"] = [
+            None if n in self.compact_weights else w
+            for n, w in zip(self._flat_weights_names, self._flat_weights, strict=True)
+        ]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._init_flat_weights()
+
     def forward(self, input, hx=None):  # noqa: A002 (nn.GRU's own argument names)
         data = input.data if isinstance(input, PackedSequence) else input
         if self.kernel_mode is None:
