@@ -141,6 +141,9 @@ class CompactEngine(SparseEngine):
         self._dense_params = dict(
             self._params
         )  # before conversion: what the optimiser and EMAs were built on
+        # the model's parameters before conversion, in order, with their shapes: what an EMAModel built
+        # before sparsify lines its shadows up with (the dense target weights are freed below)
+        self._dense_order = [(p, tuple(p.shape)) for p in self.model.parameters()]
         self.targets: dict[str, CompactTarget] = to_compact(self.model, self._params, bool_masks)
         self._params = {n: t.values for n, t in self.targets.items()}
         for target in self.targets.values():
@@ -419,8 +422,12 @@ class _CompactEMA:
         engine, shadows = self.engine, self.ema.shadow_params
         now = list(engine.model.parameters())
         values = {id(t.values): n for n, t in engine.targets.items()}
-        if parameters is None:
-            parameters = now if len(shadows) == len(now) else None
+        if parameters is None:  # EMAModel(model.parameters()), built after sparsify or before it
+            shapes = [tuple(s.shape) for s in shadows]
+            if shapes == [tuple(p.shape) for p in now]:
+                parameters = now
+            elif shapes == [shape for _, shape in engine._dense_order]:
+                parameters = [p for p, _ in engine._dense_order]
         if parameters is None or len(parameters) != len(shadows):
             raise ConfigError(
                 f"the EMA tracks {len(shadows)} tensors; pass parameters= the iterable it was built from"
@@ -430,7 +437,9 @@ class _CompactEMA:
         rebuilt, found = [], set()
         for p in now:  # the EMA's tensors in the order of the compact model's parameters
             name = values.get(id(p))
-            if name is not None and id(p) in position:  # an EMA built on the compact parameters
+            # an EMA built on the compact parameters (a scattered weight keeps its Parameter object: its
+            # shadow's shape tells whether the EMA was built before the conversion)
+            if name is not None and id(p) in position and shadows[position[id(p)]].shape == p.shape:
                 i = position[id(p)]
                 rebuilt.append(shadows[i])
                 self.index[name] = len(rebuilt) - 1
