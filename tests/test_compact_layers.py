@@ -196,21 +196,6 @@ def test_linear_matches_masked_dense(features, batch, density, bias, layout, con
     _compare(compact, reference, weights, call, [torch.randn(shape[layout])], max(k, math.prod(batch)))
 
 
-def test_linear_read_by_weight_property():
-    # nn.MultiheadAttention reads out_proj.weight itself: the property is the dense weight, differentiable
-    torch.manual_seed(0)
-    linear = nn.Linear(20, 6)
-    mask = _mask((6, 20), 0.3, 1)
-    reference = _masked_copy(linear, {"weight": mask})
-    compact = CompactLinear(linear, mask)
-    weights = {"weight": (compact, compact.compact_weights["weight"])}
-
-    def call(module, x):
-        return [torch.nn.functional.linear(x, module.weight, module.bias)]
-
-    _compare(compact, reference, weights, call, [torch.randn(4, 20)], 20, modes=("sparse",))
-
-
 # ---------------------------------------------------------------------------- CompactConv
 
 # (kernel, dilation, padding): 1x1, 3x3, 1x3 (and 3 for Conv1d), dilation 2, padding 0, 1 and "same"
