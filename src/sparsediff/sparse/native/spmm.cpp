@@ -22,8 +22,8 @@
 // thread, since starting threads would cost more than it saves. With few blocks (small batches) the
 // rows are split as well, so both threads have work. CPUs without AVX2/FMA take a portable scalar path.
 //
-// Its backward kernels (the input gradient, W^T dy, and the weight gradient at the non-zeros) will sit
-// next to it, in this file or in spmm_backward.cpp, on the same tiles (tiles.h).
+// Its backward sits next to it: the input gradient is this kernel over W^T (a transposed copy of the index
+// structure), the values gradient at the non-zeros is spmm_backward.cpp's SDDMM, on the same tiles.
 
 #include "kernels.h"
 #include "tiles.h"
