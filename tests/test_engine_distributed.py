@@ -1,4 +1,5 @@
-"""Across processes: exact resumption in a fresh process, and identical masks on two DDP ranks."""
+"""Across processes, on both backends: exact resumption in a fresh process, and identical masks on two
+DDP ranks."""
 
 from __future__ import annotations
 
@@ -18,18 +19,23 @@ def _run(args, timeout=300):
     return proc.stdout
 
 
-@pytest.mark.parametrize("method", ["rigl", "magran", "static"])
-def test_resumption_in_fresh_process_is_bitwise_exact(tmp_path, method):
+# On compact layers the two dynamic methods (RigL's dense-gradient capture must be armed again after the
+# load, MagRan's draws continue from the step); static adds nothing there that they do not cover.
+@pytest.mark.parametrize(
+    ("method", "backend"),
+    [("rigl", "dense"), ("magran", "dense"), ("static", "dense"), ("rigl", "sparse"), ("magran", "sparse")],
+)
+def test_resumption_in_fresh_process_is_bitwise_exact(tmp_path, method, backend):
     script = str(SCRIPTS / "engine_resume.py")
     # 25 steps straight vs 11 steps, save, new process loads and trains 14 more (updates every 3 steps,
     # so the split falls between updates and both halves contain several).
-    out = _run([script, "--method", method, "--stop", "25", "--save", str(tmp_path / "straight")])
-    _run([script, "--method", method, "--stop", "11", "--save", str(tmp_path / "half")])
+    common = ["--method", method, "--backend", backend]
+    out = _run([script, *common, "--stop", "25", "--save", str(tmp_path / "straight")])
+    _run([script, *common, "--stop", "11", "--save", str(tmp_path / "half")])
     _run(
         [
             script,
-            "--method",
-            method,
+            *common,
             "--start",
             "11",
             "--stop",
@@ -66,10 +72,17 @@ def test_two_process_ddp_keeps_masks_identical(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(result.read_text())
-    assert set(res) == {"rigl-wrap0", "rigl-wrap1", "magran-wrap0", "magran-wrap1"}
-    for key, r in res.items():
+    runs = {"rigl-wrap0", "rigl-wrap1", "magran-wrap0", "magran-wrap1", "rigl-sparse", "magran-sparse"}
+    assert set(res) == runs | {"rigl-sparse-unsynced", "sparse-after-wrapping"}
+    for key in runs:
+        r = res[key]
         assert r["masks_equal"], key
         assert r["weights_equal"], key
         assert r["sync_mismatch"] == 0, key  # each rank computed the same masks on its own
         assert r["updates"] == 15 and r["changes"] > 0, key
         assert r["invariants"] == [], key
+    # Compact layers: RigL's captured dense gradient is all-reduced (sync.average_) before each rank
+    # chooses; without it the ranks' choices differ, and only the broadcast of rank 0's masks hides it.
+    unsynced = res["rigl-sparse-unsynced"]
+    assert unsynced["sync_mismatch"] > 0 and unsynced["masks_equal"] and unsynced["weights_equal"]
+    assert "before wrapping the model in DistributedDataParallel" in res["sparse-after-wrapping"]

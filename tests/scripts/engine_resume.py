@@ -1,6 +1,7 @@
 """Train a small model with the engine for steps [start, stop), optionally loading / saving everything.
 
-Used by test_engine_distributed.py to check exact resumption across processes.
+Used by test_engine_distributed.py to check exact resumption across processes, on either backend (with
+``--backend sparse`` the model's state dict holds the compact layers: values and their layout).
 """
 
 import argparse
@@ -18,6 +19,7 @@ from sparsediff.sparse import load_engine_state, save_engine_state  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--method", required=True)
+ap.add_argument("--backend", default="dense")
 ap.add_argument("--start", type=int, default=0)
 ap.add_argument("--stop", type=int, required=True)
 ap.add_argument("--load")
@@ -28,7 +30,15 @@ torch.manual_seed(0)
 model = LayerBank([("linear", 16, 12), ("conv", 3, 6, 3), ("gru", 4, 6)])
 opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
 engine = sparsediff.sparsify(
-    model, opt, method=a.method, sparsity=0.8, update_every=3, total_steps=40, prune_ratio=0.5, seed=7
+    model,
+    opt,
+    method=a.method,
+    sparsity=0.8,
+    update_every=3,
+    total_steps=40,
+    prune_ratio=0.5,
+    seed=7,
+    backend=a.backend,
 )
 if a.load:
     d = Path(a.load)
