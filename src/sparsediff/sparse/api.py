@@ -131,7 +131,12 @@ def sparsify(
         if grad_accum is None and accelerator is not None:
             grad_accum = int(getattr(accelerator, "gradient_accumulation_steps", 1) or 1)
         engine = CompactEngine(
-            model, optimizer, resolved, masks=masks, kernels=resolved.kernels, grad_accum=grad_accum or 1
+            model,
+            optimizer,
+            resolved,
+            masks=masks,
+            kernels=resolved.kernels,
+            grad_accum=1 if grad_accum is None else grad_accum,
         )
     else:
         engine = ENGINES[method.family](model, optimizer, resolved, masks=masks)
