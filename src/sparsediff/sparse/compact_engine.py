@@ -275,26 +275,26 @@ class CompactEngine(SparseEngine):
 
     @torch.no_grad()
     def _update_topology(self, step: int) -> bool:
+        # Layer by layer, so that the dense-size temporaries of an update (the masks, the magnitudes and
+        # scores, the new layout's index) exist for one layer at a time, never for the whole model.
         fraction = self.schedule.drop_fraction(step)
         stats = UpdateStats(step=step, drop_fraction=fraction)
-        old = {n: m.reshape(-1) for n, m in self.masks.items()}
-        new: dict[str, torch.Tensor] = {}
-        for name in self.names:
-            target, budget = self.targets[name], self.budgets[name]
-            k = drop_count(fraction, budget)
-            if budget >= target.weight.numel or k == 0:
-                new[name] = old[name]
-                continue
-            magnitude = target.weight.scatter(target.host, target.values.detach().abs())
-            new[name] = drop_and_grow(old[name], magnitude.reshape(-1), self._grow_score(name, None, step), k)
+        moving = [
+            n
+            for n in self.names
+            if self.budgets[n] < self.targets[n].weight.numel and drop_count(fraction, self.budgets[n]) > 0
+        ]
+        if not moving:
+            return False
+        for name in moving:
+            target, k = self.targets[name], drop_count(fraction, self.budgets[name])
+            before = target.weight.mask(target.host).reshape(-1)
+            magnitude = target.weight.scatter(target.host, target.values.detach().abs()).reshape(-1)
+            after = drop_and_grow(before, magnitude, self._grow_score(name, None, step), k)
+            del magnitude
             stats.dropped += k
             stats.grown += k
-        if stats.dropped == 0:
-            return False
-        new = {n: m.clone() if m is old[n] else m for n, m in new.items()}
-        self.stats["sync_mismatch"] += broadcast_masks(new, self.names)
-        for name in self.names:
-            before, after = old[name], new[name]
+            self.stats["sync_mismatch"] += broadcast_masks({name: after}, [name])  # every rank: rank 0's
             if torch.equal(before, after):
                 continue
             newly = int((after & ~before).count_nonzero())

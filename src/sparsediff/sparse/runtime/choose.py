@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from ..native import kernels
 from ..spec import POLICIES
@@ -52,11 +53,15 @@ def density(layer: nn.Module) -> float:
     return nnz / max(1, sum(cw.numel for cw in weights))
 
 
-def choose_mode(layer: nn.Module, x: torch.Tensor, policy: str | None = None) -> str:
-    """Set ``layer.kernel_mode`` for input ``x`` (the first call's) by ``policy`` (default: the layer's own
-    ``policy`` attribute, else ``"auto"``); returns it. Records timings in ``layer.choice``."""
+def choose_mode(
+    layer: nn.Module, x: Any, policy: str | None = None, probe: torch.Tensor | None = None
+) -> str:
+    """Set ``layer.kernel_mode`` for input ``x`` (the first call's, as the layer takes it: a tensor, a
+    packed sequence) by ``policy`` (default: the layer's own ``policy`` attribute, else ``"auto"``); returns
+    it. ``probe``: the tensor whose dtype and device say whether the kernels take the input (default
+    ``x``). Records timings in ``layer.choice``."""
     policy = policy or getattr(layer, "policy", "auto")
-    if layer.kind == "scattered" or not _native_takes(x):
+    if layer.kind == "scattered" or not _native_takes(x if probe is None else probe):
         layer.kernel_mode = "dense"
     elif policy in FIXED:
         layer.kernel_mode = policy
@@ -103,8 +108,17 @@ def trial(layer: nn.Module, x: Any, mode: str) -> float:
         layer.kernel_mode, layer.capture = saved_mode, saved_capture
 
 
+def _detached(x: Any) -> Any:
+    """``x`` cut from the autograd graph it belongs to (a trial's backward must stop at the layer)."""
+    if torch.is_tensor(x):
+        return x.detach()
+    if isinstance(x, PackedSequence):
+        return x._replace(data=x.data.detach())
+    return x
+
+
 def _measure(layer: nn.Module, x: Any) -> tuple[float, float]:
-    x = x.detach() if torch.is_tensor(x) else x
+    x = _detached(x)
     for mode in MODES:  # warm-up: first-call allocations, derived structures
         trial(layer, x, mode)
     samples: dict[str, list[float]] = {mode: [] for mode in MODES}

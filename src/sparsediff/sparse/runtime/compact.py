@@ -245,15 +245,19 @@ class CompactWeight:
             )
         device = old_flat.device
         flat = flat.to(device)
-        where = torch.full((self.numel,), -1, dtype=torch.int64, device=device)
-        where[flat] = torch.arange(flat.numel(), device=device)  # the new index of each kept position
+        index_type = torch.int32 if self.numel < 2**31 else torch.int64
+        where = torch.full((self.numel,), -1, dtype=index_type, device=device)
+        where[flat] = torch.arange(
+            flat.numel(), device=device, dtype=index_type
+        )  # each kept position's new index
         moved = where[old_flat]
         kept = moved >= 0
         self.row_ptr(module).copy_(row_ptr)
         self.cols(module).copy_(cols)
         self.remember(module, flat)
+        del where
         old_index = kept.nonzero().squeeze(1)
-        return old_index, moved[old_index]
+        return old_index, moved[old_index].long()
 
     def follow(self, module: nn.Module, source: nn.Module, source_weight: CompactWeight) -> None:
         """Take the layout of the same weight of another module (an EMA copy follows the model)."""

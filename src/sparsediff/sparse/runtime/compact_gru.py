@@ -86,7 +86,7 @@ class CompactGRU(CompactLayer, nn.GRU):
         if self.kernel_mode is None:
             from .choose import choose_mode
 
-            choose_mode(self, data)
+            choose_mode(self, input, probe=data)
         if (
             self.kernel_mode == "sparse"
             and data.dtype is torch.float32
