@@ -149,7 +149,7 @@ def test_mask_gradients_before_clipping_gives_sparse_norm(backend):
 # ---------------------------------------------------------------- real models
 
 
-# backend="sparse" on this UNet: tests/test_backend_trajectories.py (the same checks, next to the dense run)
+# backend="sparse" on this UNet: tests/test_backend_trajectories.py (invariants, updates, report, by the dense run)
 def test_works_unchanged_on_diffusers_unet():
     torch.manual_seed(0)
     unet = tiny_unet()
