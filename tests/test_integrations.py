@@ -62,12 +62,23 @@ def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------- 1. accelerate checkpoints across processes
 
 
-def test_accelerate_loop_resumed_in_a_new_process_equals_the_straight_run(tmp_path):
+@pytest.mark.parametrize("backend", ["dense", "sparse"])
+def test_accelerate_loop_resumed_in_a_new_process_equals_the_straight_run(tmp_path, backend):
     script = str(SCRIPTS / "accelerate_loop.py")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # the straight run also saves its state at step 4; a new process resumes from there
-    _run(script, "--out", str(straight), "--stop", "10", "--save-at", "4")
-    _run(script, "--out", str(resumed), "--stop", "10", "--resume", str(straight / "checkpoint-4"))
+    _run(script, "--backend", backend, "--out", str(straight), "--stop", "10", "--save-at", "4")
+    _run(
+        script,
+        "--backend",
+        backend,
+        "--out",
+        str(resumed),
+        "--stop",
+        "10",
+        "--resume",
+        str(straight / "checkpoint-4"),
+    )
     a, b = (json.loads((d / "result.json").read_text()) for d in (straight, resumed))
     ta, tb = (load_file(d / "result.safetensors") for d in (straight, resumed))
 
@@ -395,6 +406,39 @@ def test_accelerator_clip_grad_norm_clips_the_sparse_gradient():
         sparsediff.sparsify(nn.Linear(4, 4), None, method="static", sparsity=0.5, accelerator=object())
 
 
+def test_accelerator_clip_grad_norm_on_compact_layers_is_the_masked_norm():
+    """With backend='sparse' a gradient exists only at the kept positions: the accelerator's norm and
+    the clipped gradients are the masked engine's for the same model, masks and batch (up to float32
+    rounding: the compact layers sum in another order)."""
+    from accelerate import Accelerator
+
+    norms, grads = {}, {}
+    for backend in ("dense", "sparse"):
+        accelerator = Accelerator(cpu=True)
+        torch.manual_seed(0)
+        unet = tiny_unet()
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+        kwargs = {"method": "static", "sparsity": 0.9, "accelerator": accelerator, "backend": backend}
+        if backend == "sparse":  # compact layers replace the parameters: before prepare
+            engine = sparsediff.sparsify(unet, opt, **kwargs)
+            unet, opt = accelerator.prepare(unet, opt)
+        else:
+            unet, opt = accelerator.prepare(unet, opt)
+            engine = sparsediff.sparsify(unet, opt, **kwargs)
+        x, t = _unet_batch(torch.Generator().manual_seed(0))
+        (unet(x, t).sample - x).pow(2).mean().backward()
+        norms[backend] = float(accelerator.clip_grad_norm_(unet.parameters(), 0.05))
+        model = accelerator.unwrap_model(unet)
+        grads[backend] = _by_dense_name(engine, model, [p.grad for p in model.parameters()])
+    assert norms["dense"] > 0.05  # so the clipping scaled every gradient
+    assert norms["sparse"] == pytest.approx(norms["dense"], rel=1e-5)
+    assert grads["sparse"].keys() == grads["dense"].keys()
+    # one absolute scale for all: some gradients are 0 up to rounding (attention's key bias)
+    scale = max(float(g.abs().max()) for g in grads["dense"].values())
+    for n, g in grads["dense"].items():
+        assert torch.allclose(grads["sparse"][n], g, rtol=1e-4, atol=1e-6 * scale), n
+
+
 def test_clipping_leaves_an_accumulating_gradient_alone():
     from accelerate import Accelerator
 
@@ -425,20 +469,39 @@ def test_clipping_leaves_an_accumulating_gradient_alone():
 # ---------------------------------------------------------------- EMA copies
 
 
-def test_diffusers_ema_stays_exactly_as_sparse_as_the_model():
+def _by_dense_name(engine, model, tensors) -> dict[str, torch.Tensor]:
+    """``tensors`` (one per parameter of ``model``, in its order: the model's own, an EMA's shadows)
+    by the dense parameter's name and in its shape, for either backend (compact values seen through
+    ``engine.dense_view``)."""
+    targets = {id(p): n for n, p in engine.named_parameters()}
+    out = {}
+    for (pname, p), t in zip(model.named_parameters(), tensors):
+        name = targets.get(id(p))
+        out[pname if name is None else name] = t.detach() if name is None else engine.dense_view(name, t)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["dense", "sparse"])
+def test_diffusers_ema_stays_exactly_as_sparse_as_the_model(backend):
     from diffusers.training_utils import EMAModel
 
     torch.manual_seed(0)
     unet = tiny_unet()
     ema = EMAModel(unet.parameters(), decay=0.9)  # built before sparsify: dense shadows
     plain = EMAModel(unet.parameters(), decay=0.9)  # the same EMA, not attached
-    reference = [p.detach().clone() for p in unet.parameters()]  # computed by hand below
+    reference = {n: p.detach().clone() for n, p in unet.named_parameters()}  # computed by hand below
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-2, weight_decay=1e-2)
     engine = sparsediff.sparsify(
-        unet, opt, method="rigl", sparsity=0.8, update_every=2, prune_ratio=0.5, total_steps=40, ema=ema
+        unet,
+        opt,
+        method="rigl",
+        sparsity=0.8,
+        update_every=2,
+        prune_ratio=0.5,
+        total_steps=40,
+        ema=ema,
+        backend=backend,
     )
-    names = [n for n, _ in unet.named_parameters()]
-    index = {n: i for i, n in enumerate(names)}
     gen = torch.Generator().manual_seed(0)
     for step in range(1, 7):
         x, t = _unet_batch(gen)
@@ -446,24 +509,30 @@ def test_diffusers_ema_stays_exactly_as_sparse_as_the_model():
         opt.step()
         changed = engine.step()
         opt.zero_grad()
+        shadows = _by_dense_name(engine, unet, ema.shadow_params)
         for n in engine.names:  # right after a topology update the EMA is already masked
-            assert bool((ema.shadow_params[index[n]][~engine.masks[n]] == 0).all()), (step, n)
+            assert bool((shadows[n][~engine.masks[n]] == 0).all()), (step, n)
         ema.step(unet.parameters())
-        plain.step(unet.parameters())
+        if backend == "dense":  # the plain EMA holds the dense weights, which only the masked model has
+            plain.step(unet.parameters())
         decay = ema.cur_decay_value
-        for i, (r, p) in enumerate(zip(reference, unet.parameters())):
-            r.sub_((1 - decay) * (r - p.detach()))
-            if names[i] in engine.masks:
-                r.mul_(engine.masks[names[i]])
+        weights = _by_dense_name(engine, unet, list(unet.parameters()))
+        for n, r in reference.items():
+            r.sub_((1 - decay) * (r - weights[n]))
+            if n in engine.masks:
+                r.mul_(engine.masks[n])
         assert changed == (step % 2 == 0)
-    shadows = dict(zip(names, ema.shadow_params))
+    shadows = _by_dense_name(engine, unet, ema.shadow_params)
     assert _zero_where_masked(shadows, engine.masks) == []
-    assert all(torch.allclose(s, r, atol=1e-7, rtol=0) for s, r in zip(ema.shadow_params, reference))
-    # without the integration the dropped weights linger in the EMA
-    lingering = dict(zip(names, plain.shadow_params))
-    assert len(_zero_where_masked(lingering, engine.masks)) > 10
-    engine.mask_ema(plain)
-    assert _zero_where_masked(lingering, engine.masks) == []
+    assert shadows.keys() == reference.keys()
+    assert all(torch.allclose(shadows[n], r, atol=1e-7, rtol=0) for n, r in reference.items())
+    if backend == "dense":
+        # without the integration the dropped weights linger in the EMA
+        names = list(reference)
+        lingering = dict(zip(names, plain.shadow_params))
+        assert len(_zero_where_masked(lingering, engine.masks)) > 10
+        engine.mask_ema(plain)
+        assert _zero_where_masked(lingering, engine.masks) == []
     # remove() gives the EMA its own step back
     engine.remove()
     assert "step" not in vars(ema)

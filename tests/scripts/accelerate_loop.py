@@ -4,10 +4,13 @@ accelerate (prepare, gradient accumulation, clipping, save_state / load_state), 
 and EMAModel, a learning-rate scheduler; the data of each step depends on the step only, so a run
 resumed in a new process can be compared with a straight one bit for bit.
 
-    python accelerate_loop.py --out DIR --stop N [--save-at K] [--resume CHECKPOINT_DIR]
+    python accelerate_loop.py --out DIR --stop N [--save-at K] [--resume CHECKPOINT_DIR] [--backend sparse]
 
-Writes DIR/result.safetensors (model, EMA shadows, masks) and DIR/result.json (engine counters, the
-topology updates this process made, the clip norms).
+With ``--backend sparse`` the UNet trains on compact layers: sparsify comes before accelerator.prepare
+(the compact layers replace the parameters prepare would hold), and the EMA, built on the dense model,
+is made compact by the engine. Writes DIR/result.safetensors (model, EMA shadows, masks; the sparsified
+weights in their dense shape whatever the backend) and DIR/result.json (engine counters, the topology
+updates this process made, the clip norms).
 """
 
 import argparse
@@ -31,6 +34,7 @@ ap.add_argument("--out", required=True)
 ap.add_argument("--stop", type=int, required=True)
 ap.add_argument("--save-at", type=int)
 ap.add_argument("--resume")
+ap.add_argument("--backend", default="dense")
 a = ap.parse_args()
 
 TOTAL_STEPS, ACCUM, BATCH = 10, 2, 4
@@ -40,19 +44,29 @@ unet = tiny_unet()
 ema = EMAModel(unet.parameters(), decay=0.9, use_ema_warmup=True, power=0.75)
 optimizer = torch.optim.AdamW(unet.parameters(), lr=3e-3, weight_decay=1e-2)
 lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 3))
+
+
+def make_sparse(unet, optimizer):
+    return sparsediff.sparsify(
+        unet,
+        optimizer,
+        method="rigl",
+        sparsity=0.8,
+        update_every=2,
+        prune_ratio=0.5,
+        total_steps=TOTAL_STEPS,
+        accelerator=accelerator,
+        ema=ema,
+        backend=a.backend,
+    )
+
+
+if a.backend == "sparse":
+    engine = make_sparse(unet, optimizer)
 unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
 ema.to(accelerator.device)
-engine = sparsediff.sparsify(
-    unet,
-    optimizer,
-    method="rigl",
-    sparsity=0.8,
-    update_every=2,
-    prune_ratio=0.5,
-    total_steps=TOTAL_STEPS,
-    accelerator=accelerator,
-    ema=ema,
-)
+if a.backend == "dense":  # the masked engine is built on the prepared objects, as a diffusers script would
+    engine = make_sparse(unet, optimizer)
 accelerator.register_for_checkpointing(ema)
 
 step = 0
@@ -91,9 +105,16 @@ while step < a.stop:
 out = Path(a.out)
 out.mkdir(parents=True, exist_ok=True)
 model = accelerator.unwrap_model(unet)
-tensors = {f"model/{n}": p.detach().clone() for n, p in model.named_parameters()}
-names = [n for n, _ in model.named_parameters()]
-tensors.update({f"ema/{n}": s.detach().clone() for n, s in zip(names, ema.shadow_params)})
+targets = {id(p): n for n, p in engine.named_parameters()}  # the dense weights, or the compact values
+tensors = {}
+for (pname, p), shadow in zip(model.named_parameters(), ema.shadow_params):  # the EMA's order is the model's
+    if id(p) in targets:
+        name = targets[id(p)]
+        tensors[f"model/{name}"] = engine.dense_view(name).clone()
+        tensors[f"ema/{name}"] = engine.dense_view(name, shadow).clone()
+    else:
+        tensors[f"model/{pname}"] = p.detach().clone()
+        tensors[f"ema/{pname}"] = shadow.detach().clone()
 tensors.update({f"mask/{n}": m.to(torch.uint8) for n, m in engine.masks.items()})
 save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "result.safetensors"))
 state = engine.state_dict()
