@@ -1,4 +1,5 @@
-"""Training across processes: SIGKILL at any moment of a step, and two ranks with torchrun (gloo)."""
+"""Training across processes, on both backends (``--backend dense|sparse``): SIGKILL at any moment of a
+step, and two ranks with torchrun (gloo)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def _next_checkpoint(proc: subprocess.Popen, run: Path, after: int, log: Path) -
 
 
 @pytest.mark.slow
-def test_sigkill_at_any_moment_of_a_step_resumes_bit_exactly(first_stage, tmp_path):
+@pytest.mark.parametrize("backend", ["dense", "sparse"])
+def test_sigkill_at_any_moment_of_a_step_resumes_bit_exactly(first_stage, tmp_path, backend):
     """Kill the training process three times, each at a seeded random moment of a training step
     (forward, backward, topology update or checkpoint writing alike), resume each time: the result is
     bit for bit the run that was never interrupted.
@@ -46,7 +48,7 @@ def test_sigkill_at_any_moment_of_a_step_resumes_bit_exactly(first_stage, tmp_pa
     each process moves the run on by at least two steps.
     """
     env = python_env()
-    every_step = ("--set", "train.ckpt_every=1")
+    every_step = ("--set", "train.ckpt_every=1", "--backend", backend)
     straight = subprocess.run(
         [PYTHON, *train_args(first_stage, tmp_path / "straight", "magran", STEPS, *every_step)],
         env=env,
@@ -83,18 +85,21 @@ def test_sigkill_at_any_moment_of_a_step_resumes_bit_exactly(first_stage, tmp_pa
     assert final.returncode == 0, final.stderr[-2000:]
     summary = RunDir(run).read_summary()
     assert summary["finished"] and summary["steps"] == STEPS
+    assert RunDir(run).load_config().sparse.backend == backend
     assert not list(RunDir(run).checkpoints.root.glob(".tmp-*"))
     assert_same_state(tmp_path / "straight", run)
 
 
 @pytest.mark.distributed
-def test_two_process_torchrun_training(first_stage, tmp_path):
+@pytest.mark.parametrize("backend", ["dense", "sparse"])
+def test_two_process_torchrun_training(first_stage, tmp_path, backend):
     run = tmp_path / "ddp"
-    cmd = torchrun(2, *train_args(first_stage, run, "rigl", 8))
+    cmd = torchrun(2, *train_args(first_stage, run, "rigl", 8, "--backend", backend))
     proc = subprocess.run(cmd, env=python_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = RunDir(run).read_summary()
     assert summary["world_size"] == 2
+    assert RunDir(run).load_config().sparse.backend == backend
     # steps 2 and 4: updates end at 75 % of 8 steps, and at step 6 the cosine drop fraction is 0 (no update)
     assert summary["topology_updates"] == 2
     assert summary["masks_identical_across_ranks"] is True
