@@ -35,7 +35,9 @@ class _LinearFn(torch.autograd.Function):
         if sparse:
             m = cw.matrix(layer, values)
             b = NO_BIAS if bias is None else bias
-            y = native_for(x, values).spmm_linear(x, m.row_ptr, m.cols, values, b, m.panel, PARALLEL_GRAIN, transposed)
+            y = native_for(x, values).spmm_linear(
+                x, m.row_ptr, m.cols, values, b, m.panel, PARALLEL_GRAIN, transposed
+            )
         else:
             y = F.linear(x, cw.scatter(layer, values), bias)
             y = y.t().contiguous() if transposed else y
