@@ -45,7 +45,7 @@ from ..errors import ConfigError, StateError
 from .base import derive_seed
 from .engine import SparseEngine
 from .guard import refuse_sparse_weights
-from .runtime.compact import permute_
+from .runtime.compact import permute_, pin_positions
 from .runtime.to_compact import CompactTarget, to_compact
 from .spec import POLICIES, SparseSpec
 from .sync import average_, broadcast_masks, dist_world
@@ -222,6 +222,7 @@ class CompactEngine(SparseEngine):
         follows it)."""
         for target in self.targets.values():
             target.host.capture = None
+            pin_positions(target.host, False)
         step = self._opt_steps + 1
         if not (
             self.method.needs_dense_grads and self.schedule is not None and self.schedule.is_update_step(step)
@@ -245,6 +246,7 @@ class CompactEngine(SparseEngine):
             if target.host.capture is None:
                 target.host.capture = {}
             target.host.capture[cw.name] = capture
+            pin_positions(target.host, True)  # the capture and the update read the positions
 
     def _capture_of(self, name: str) -> GrowCapture | None:
         target = self.targets[name]
@@ -286,6 +288,8 @@ class CompactEngine(SparseEngine):
         ]
         if not moving:
             return False
+        for name in moving:
+            pin_positions(self.targets[name].host, True)
         for name in moving:
             target, k = self.targets[name], drop_count(fraction, self.budgets[name])
             before = target.weight.mask(target.host).reshape(-1)

@@ -35,8 +35,9 @@ def drop_count(fraction: float, budget: int) -> int:
     return math.floor(fraction * budget)
 
 
-def _kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of a 1-D tensor (1 <= k <= numel).
+def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``topk``'s (values, positions) of the k largest entries of a 1-D tensor (1 <= k <= numel), in no
+    particular order.
 
     ``topk`` over a multi-million-entry tensor is the slowest part of an update on the CPU. For large
     tensors a threshold is first read off a strided sample, set low enough that usually a little more than
@@ -51,10 +52,12 @@ def _kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
         # ask the sample for ~1.3x the wanted share plus four binomial standard deviations
         j = min(m, math.ceil(m * share * 1.3 + 4.0 * math.sqrt(m * share) + 1))
         threshold = torch.topk(sample, j, sorted=False).values.min()
-        passed = scores[scores >= threshold]
+        passed = (scores >= threshold).nonzero().squeeze(1)
         if passed.numel() >= k:
-            return torch.topk(passed, k, sorted=False).values.min()
-    return torch.topk(scores, k, sorted=False).values.min()
+            top = torch.topk(scores[passed], k, sorted=False)
+            return top.values, passed[top.indices]
+    top = torch.topk(scores, k, sorted=False)
+    return top.values, top.indices
 
 
 def largest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -69,14 +72,17 @@ def largest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.empty(0, dtype=torch.long, device=scores.device)
     if k >= n:
         return torch.arange(n, device=scores.device)
-    v = _kth_largest(scores, k)
+    values, positions = _top_k(scores, k)
+    v = values.min()
+    if int((values == v).sum()) == int((scores == v).sum()):  # no tie left out: topk's set is the one
+        return positions.sort().values
     above = scores > v
     ties = (scores == v).nonzero().squeeze(1)
     chosen = above.clone()
     chosen[ties[: k - int(above.count_nonzero())]] = True
     out = chosen.nonzero().squeeze(1)
     if out.numel() != k:  # NaN scores compare unequal to everything: take topk's choice among them
-        out = torch.topk(scores, k, sorted=False).indices.sort().values
+        out = positions.sort().values
     return out
 
 
@@ -91,9 +97,9 @@ def drop_and_grow(
         grow_score: float score of every position (flat; overwritten in place).
         k: weights to drop and grow (at most the number of active positions).
     """
-    drop_score = torch.where(active, magnitude.float().neg(), -math.inf)  # the smallest |w| score highest
+    positions = active.nonzero().squeeze(1)  # ascending: a tie among them goes to the lower position
     kept = active.clone()
-    kept[largest_k(drop_score, k)] = False
+    kept[positions[largest_k(magnitude[positions].float().neg(), k)]] = False  # the smallest |w|
     grow_score.masked_fill_(kept, -math.inf)
     kept[largest_k(grow_score, k)] = True
     return kept

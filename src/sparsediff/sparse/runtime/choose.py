@@ -110,10 +110,12 @@ def trial(layer: nn.Module, x: Any, mode: str) -> float:
 
 def _detached(x: Any) -> Any:
     """``x`` cut from the autograd graph it belongs to (a trial's backward must stop at the layer)."""
+    # a copy that asks for its gradient when the real input does: the trial's backward then computes the
+    # input gradient as the real backward will
     if torch.is_tensor(x):
-        return x.detach()
+        return x.detach().requires_grad_(x.requires_grad)
     if isinstance(x, PackedSequence):
-        return x._replace(data=x.data.detach())
+        return x._replace(data=x.data.detach().requires_grad_(x.data.requires_grad))
     return x
 
 

@@ -89,6 +89,21 @@ def flat_positions(
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
 
+def _keeps_flat(module: nn.Module) -> bool:
+    """Whether ``module`` keeps its weights' flat positions: in the dense mode (every call scatters), and
+    while the engine works on its topology (``pin_positions``: a RigL capture, an update)."""
+    return getattr(module, "kernel_mode", None) != "sparse" or module.__dict__.get("_pinned", False)
+
+
+def pin_positions(module: nn.Module, pinned: bool) -> None:
+    """Keep (or stop keeping) ``module``'s flat positions between calls; unpinning a layer on the sparse
+    kernels drops them."""
+    module.__dict__["_pinned"] = pinned
+    if not pinned and getattr(module, "kernel_mode", None) == "sparse":
+        for cw in getattr(module, "compact_weights", {}).values():
+            cw.drop_flat(module)
+
+
 def _compact_index(index: torch.Tensor, numel: int) -> torch.Tensor:
     return index.to(torch.int32) if numel < 2**31 else index.to(torch.int64)
 
@@ -169,7 +184,7 @@ class CompactWeight:
         they fit: 4 bytes per value; not kept by a layer on the sparse kernels, see :meth:`flat`)."""
         cache = self._cache(module)
         cache.clear()
-        if getattr(module, "kernel_mode", None) != "sparse":
+        if _keeps_flat(module):
             cache["flat"] = _compact_index(flat, self.numel)
 
     def derived(self, module: nn.Module, key: str, build) -> Any:
@@ -194,7 +209,7 @@ class CompactWeight:
             flat = build()
             # kept where every call scatters (the dense mode); a layer on the sparse kernels needs the
             # positions only on update steps, and saves their 4 bytes per value meanwhile
-            if getattr(module, "kernel_mode", None) != "sparse":
+            if _keeps_flat(module):
                 cache["flat"] = flat
         device = self.values(module).device
         if flat.device != device:

@@ -79,13 +79,24 @@ class _ConvFn(torch.autograd.Function):
                 offsets = layer.offsets(x.shape[-2], x.shape[-1])
                 dv = conv_grad.values_grad(dy, x, cw.row_ptr(layer), cw.cols(layer), g, offsets)
             layer.captures("weight", lambda: torch.nn.grad.conv2d_weight(x, shape4, dy, **geometry))
-        else:
-            if need_x:
-                dx = torch.nn.grad.conv2d_input(x.shape, layer.kernel4(values), dy, **geometry)
-            dense = torch.nn.grad.conv2d_weight(x, shape4, dy, **geometry)
+        else:  # torch's own backward, both gradients (and the bias's) in one call
+            dx, dense, db = torch.ops.aten.convolution_backward(
+                dy,
+                x,
+                layer.kernel4(values),
+                [layer.out_channels] if ctx.has_bias else None,
+                [1, 1],
+                list(geometry["padding"]),
+                list(geometry["dilation"]),
+                False,
+                [0, 0],
+                1,
+                [need_x, True, need_b and ctx.has_bias],
+            )
             if need_v:
                 dv = cw.gather(layer, dense)
             layer.captures("weight", dense)
+            return dx, dv, db, None
         if need_b and ctx.has_bias:
             db = dy.sum((0, 2, 3))
         return dx, dv, db, None

@@ -215,7 +215,7 @@ def input_grad(
             t.row_ptr,
             t.taps,
             offsets,
-            values[t.perm],
+            values.index_select(0, t.perm),
             NO_BIAS,
             shape.kh,
             shape.kw,

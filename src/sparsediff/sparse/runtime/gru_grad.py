@@ -126,7 +126,7 @@ def backward(
     W_hh; ``values``: W_hh's current values (W_hh's order; gathered here into W_hh^T's); ``lengths`` and
     ``reverse`` as the forward had them.
     """
-    t_values = values[perm]
+    t_values = values.index_select(0, perm)  # a plain gather: cheaper than advanced indexing
     mod = native_for(gates, out, h0, t_values, dout, dlast)
     if mod is not None:
         dgi, dgh, dh0 = mod.gru_recurrence_backward(
