@@ -88,13 +88,20 @@ class RunRecord:
         return None
 
     @property
+    def backend(self) -> str:
+        """How the run trained its sparse weights: ``dense`` (masked dense tensors) or ``sparse``."""
+        return str((self.config.get("sparse") or {}).get("backend") or "dense")
+
+    @property
     def series(self) -> str:
-        """Label of the method (and prune ratio) this run belongs to: ``rigl p=0.05``."""
+        """Label of the method (and prune ratio, and a sparse training backend) this run belongs to:
+        ``rigl p=0.05``, ``rigl p=0.5 (sparse backend)``."""
         method = method_of(self.method)
         if method is not None and method.structured:
             nm = self.config.get("sparse", {}).get("nm", "")
             return f"{self.method} {nm}".strip()
-        return self.method if self.prune_ratio is None else f"{self.method} p={self.prune_ratio:g}"
+        label = self.method if self.prune_ratio is None else f"{self.method} p={self.prune_ratio:g}"
+        return label + (" (sparse backend)" if self.backend == "sparse" else "")
 
     def get(self, key: str) -> Any:
         """A number from the evaluation, else the summary."""
@@ -232,13 +239,15 @@ def load_run(path: str | Path) -> RunRecord:
 
 @dataclass
 class Group:
-    """The runs of one table row: same preset, method, sparsity and prune ratio; several seeds."""
+    """The runs of one table row: same preset, method, sparsity, prune ratio and training backend; several
+    seeds."""
 
     preset: str
     method: str
     sparsity: float
     prune_ratio: float | None
     runs: list[RunRecord]
+    backend: str = "dense"  # the training backend (runs of one setting with another backend: another row)
 
     @property
     def series(self) -> str:
@@ -269,11 +278,11 @@ def group_runs(records: Sequence[RunRecord]) -> dict[str, list[Group]]:
     by_key: dict[tuple, list[RunRecord]] = {}
     for r in records:
         if r.finished:
-            by_key.setdefault((r.preset, r.method, r.sparsity, r.prune_ratio), []).append(r)
+            by_key.setdefault((r.preset, r.method, r.sparsity, r.prune_ratio, r.backend), []).append(r)
     out: dict[str, list[Group]] = {}
-    for (preset, method, sparsity, prune), runs in by_key.items():
+    for (preset, method, sparsity, prune, backend), runs in by_key.items():
         runs.sort(key=lambda r: r.seed)
-        out.setdefault(preset, []).append(Group(preset, method, sparsity, prune, runs))
+        out.setdefault(preset, []).append(Group(preset, method, sparsity, prune, runs, backend))
     for groups in out.values():
         groups.sort(
             key=lambda g: (
@@ -282,6 +291,7 @@ def group_runs(records: Sequence[RunRecord]) -> dict[str, list[Group]]:
                 METHOD_ORDER.get(g.method, 9),
                 g.method,
                 g.prune_ratio or 0,
+                g.backend != "dense",
             )
         )
     return dict(sorted(out.items()))

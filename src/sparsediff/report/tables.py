@@ -174,7 +174,7 @@ def _table(groups: Sequence[Group], metric: str | None) -> list[str]:
         n_fid = len(fids)
         seeds = f"{len(g.runs)}" + (f" ({n_fid} eval)" if n_fid != len(g.runs) else "")
         cells = [
-            g.series.split(" ")[0],
+            g.method + (" (sparse backend)" if g.backend == "sparse" else ""),
             "0" if is_dense(g.method) else f"{g.sparsity:g}",
             "" if g.prune_ratio is None else f"{g.prune_ratio:g}",
             seeds,

@@ -165,8 +165,8 @@ class GrowCapture:
         if self._all_reduce is not None:
             self._all_reduce(grad)
         score = self._score(grad)
-        active_score = score[active]
-        score[active] = -math.inf
+        active_score = score.index_select(0, active)
+        score.index_fill_(0, active.long(), -math.inf)
         pos = largest_k(score, min(self.k, self.numel))
         self.candidates = (pos, score[pos], active_score)
 

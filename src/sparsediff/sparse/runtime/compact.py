@@ -219,8 +219,11 @@ class CompactWeight:
         return flat
 
     def drop_flat(self, module: nn.Module) -> None:
-        """Forget the cached flat positions (rebuilt from the layout when next needed)."""
-        self._cache(module).pop("flat", None)
+        """Forget the cached flat positions and dense weight (a layer on the sparse kernels keeps neither;
+        rebuilt when next needed)."""
+        cache = self._cache(module)
+        cache.pop("flat", None)
+        cache.pop("dense", None)
 
     def mask(self, module: nn.Module) -> torch.Tensor:
         """The bool mask of the kept positions, in the dense weight's shape (built on demand)."""
@@ -236,9 +239,34 @@ class CompactWeight:
         dense = torch.zeros(self.numel, dtype=v.dtype, device=v.device)
         return dense.index_put((flat,), v).view(self.shape)
 
+    @torch.no_grad()
+    def dense_of(self, module: nn.Module, values: torch.Tensor) -> torch.Tensor:
+        """The dense weight of ``values`` (not differentiable), kept until the values change: the dense mode
+        scatters once per optimiser step rather than at every forward and backward. Its 4 bytes per
+        weight are what the dense mode costs in memory."""
+        cache = self._cache(module)
+        key = (values.data_ptr(), values._version)
+        hit = cache.get("dense")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        dense = (
+            hit[1]
+            if hit is not None and hit[1].dtype == values.dtype and hit[1].device == values.device
+            else None
+        )
+        if dense is None:
+            dense = torch.empty(self.shape, dtype=values.dtype, device=values.device)
+        # refilled in place: the same storage every step, as a dense layer's weight (torch's CPU
+        # convolutions run markedly slower on a weight in new memory at every call)
+        flat_dense = dense.view(-1)
+        flat_dense.zero_()
+        flat_dense.index_copy_(0, self.flat(module).long(), values)  # ~3x faster than an indexed assignment
+        cache["dense"] = (key, dense)
+        return dense
+
     def gather(self, module: nn.Module, dense: torch.Tensor) -> torch.Tensor:
         """The entries of a dense tensor of the weight's shape at the kept positions, in value order."""
-        return dense.reshape(-1)[self.flat(module)]
+        return dense.reshape(-1).index_select(0, self.flat(module))  # ~5x faster than advanced indexing
 
     def forget(self, module: nn.Module) -> None:
         """Drop the derived structures (the layout's buffers were replaced: a state dict was loaded)."""
@@ -286,7 +314,7 @@ def permute_(tensor: torch.Tensor, old_index: torch.Tensor, new_index: torch.Ten
     """Move ``tensor`` (a values-shaped tensor: the values, an optimiser state, an EMA copy) to a new
     layout, in place: entry ``old_index[i]`` goes to ``new_index[i]``, every other entry becomes 0."""
     moved = torch.zeros_like(tensor)
-    moved[new_index.to(tensor.device)] = tensor[old_index.to(tensor.device)]
+    moved.index_copy_(0, new_index.to(tensor.device), tensor.index_select(0, old_index.to(tensor.device)))
     tensor.copy_(moved)
 
 
@@ -323,6 +351,33 @@ class CompactLayer(nn.Module):
     def captures(self, name: str, dense_grad) -> None:
         if self.capture is not None:  # tested here, so that a compiled backward only breaks on update steps
             hand_to_capture(self, name, dense_grad)
+
+
+class _DenseWeight(torch.autograd.Function):
+    """The dense weight of a compact one, for torch's own operations (the dense mode): a view of the
+    weight's dense buffer (refilled once per optimiser step, :meth:`CompactWeight.dense_of`) whose gradient
+    is gathered back at the kept positions. The operation's own backward (a convolution's, a matmul's)
+    stays torch's, in C++: the Python around a dense-mode layer is this one gather."""
+
+    @staticmethod
+    def forward(ctx, values, host, name):
+        ctx.host, ctx.name = host, name
+        dense = host.compact_weights[name].dense_of(host, values)
+        return dense.view_as(dense)  # a view: its graph never sticks to the kept buffer
+
+    @staticmethod
+    def backward(ctx, grad):
+        host, name = ctx.host, ctx.name
+        if host.capture is not None:
+            hand_to_capture(host, name, grad)
+        return host.compact_weights[name].gather(host, grad), None, None
+
+
+def dense_weight(host: nn.Module, name: str) -> torch.Tensor:
+    """``host``'s compact weight ``name`` as a dense tensor, differentiable in its values (see
+    :class:`_DenseWeight`)."""
+    cw = host.compact_weights[name]
+    return _DenseWeight.apply(cw.values(host), host, name)
 
 
 @torch.compiler.disable  # Python bookkeeping of RigL update steps: run eagerly inside a compiled backward

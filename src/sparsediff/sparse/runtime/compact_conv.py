@@ -16,42 +16,25 @@ from torch import nn
 
 from ..native import native_for
 from . import conv_grad
-from .compact import CompactLayer, CompactWeight
+from .compact import CompactLayer, CompactWeight, dense_weight
 from .conv import convertible
 from .matrix import NO_BIAS, PARALLEL_GRAIN
 
 
-def _geometry(layer: CompactConv) -> dict:
-    return {"padding": (layer.ph, layer.pw), "dilation": (layer.dh, layer.dw)}
-
-
 class _ConvFn(torch.autograd.Function):
-    """The 2-D convolution of a (B, C, H, W) input with the layer's compact kernel."""
+    """The 2-D convolution of a (B, C, H, W) float32 CPU input with the layer's compact kernel, on the
+    sparse kernels."""
 
     @staticmethod
     def forward(ctx, x, values, bias, layer):
         cw = layer.compact_weights["weight"]
-        sparse = layer.kernel_mode == "sparse"
-        if sparse:
-            b = NO_BIAS if bias is None else bias
-            y = native_for(x, values).sparse_conv2d(
-                x,
-                cw.row_ptr(layer),
-                cw.cols(layer),
-                layer.offsets(x.shape[-2], x.shape[-1]),
-                values,
-                b,
-                layer.kh,
-                layer.kw,
-                layer.ph,
-                layer.pw,
-                layer.dh,
-                layer.dw,
-                PARALLEL_GRAIN,
-            )
-        else:
-            y = F.conv2d(x, layer.kernel4(values), bias, **_geometry(layer))
-        ctx.layer, ctx.sparse, ctx.has_bias = layer, sparse, bias is not None
+        b = NO_BIAS if bias is None else bias
+        offsets = layer.offsets(x.shape[-2], x.shape[-1])
+        y = native_for(x, values).sparse_conv2d(
+            x, cw.row_ptr(layer), cw.cols(layer), offsets, values, b,
+            layer.kh, layer.kw, layer.ph, layer.pw, layer.dh, layer.dw, PARALLEL_GRAIN,
+        )  # fmt: skip
+        ctx.layer, ctx.has_bias = layer, bias is not None
         ctx.save_for_backward(x, values)
         return y
 
@@ -63,40 +46,21 @@ class _ConvFn(torch.autograd.Function):
         dy = dy.contiguous()
         need_x, need_v, need_b = ctx.needs_input_grad[:3]
         dx = dv = db = None
-        geometry = _geometry(layer)
-        shape4 = (layer.out_channels, layer.in_channels, layer.kh, layer.kw)
-        if ctx.sparse:
-            g = layer.geometry4()
-            if need_x:
-                t = cw.derived(layer, "transposed", lambda: _transposed(layer, cw, g))
-                offsets = cw.derived(
-                    layer,
-                    ("t_offsets", *dy.shape[-2:]),
-                    lambda: conv_grad.transposed_offsets(t, g, *dy.shape[-2:]),
-                )
-                dx = conv_grad.input_grad(dy, values, t, g, offsets)
-            if need_v:
-                offsets = layer.offsets(x.shape[-2], x.shape[-1])
-                dv = conv_grad.values_grad(dy, x, cw.row_ptr(layer), cw.cols(layer), g, offsets)
-            layer.captures("weight", lambda: torch.nn.grad.conv2d_weight(x, shape4, dy, **geometry))
-        else:  # torch's own backward, both gradients (and the bias's) in one call
-            dx, dense, db = torch.ops.aten.convolution_backward(
-                dy,
-                x,
-                layer.kernel4(values),
-                [layer.out_channels] if ctx.has_bias else None,
-                [1, 1],
-                list(geometry["padding"]),
-                list(geometry["dilation"]),
-                False,
-                [0, 0],
-                1,
-                [need_x, True, need_b and ctx.has_bias],
+        g = layer.geometry4()
+        if need_x:
+            t = cw.derived(layer, "transposed", lambda: _transposed(layer, cw, g))
+            offsets = cw.derived(
+                layer,
+                ("t_offsets", *dy.shape[-2:]),
+                lambda: conv_grad.transposed_offsets(t, g, *dy.shape[-2:]),
             )
-            if need_v:
-                dv = cw.gather(layer, dense)
-            layer.captures("weight", dense)
-            return dx, dv, db, None
+            dx = conv_grad.input_grad(dy, values, t, g, offsets)
+        if need_v:
+            offsets = layer.offsets(x.shape[-2], x.shape[-1])
+            dv = conv_grad.values_grad(dy, x, cw.row_ptr(layer), cw.cols(layer), g, offsets)
+        shape4 = (layer.out_channels, layer.in_channels, layer.kh, layer.kw)
+        geometry = {"padding": (layer.ph, layer.pw), "dilation": (layer.dh, layer.dw)}
+        layer.captures("weight", lambda: torch.nn.grad.conv2d_weight(x, shape4, dy, **geometry))
         if need_b and ctx.has_bias:
             db = dy.sum((0, 2, 3))
         return dx, dv, db, None
@@ -135,11 +99,6 @@ class CompactConv(CompactLayer):
     def weight(self) -> torch.Tensor:
         return self.compact_weights["weight"].scatter(self)
 
-    def kernel4(self, values: torch.Tensor) -> torch.Tensor:
-        """The dense (O, C, KH, KW) kernel of ``values`` (a Conv1d's with KH = 1)."""
-        dense = self.compact_weights["weight"].scatter(self, values)
-        return dense.reshape(self.out_channels, self.in_channels, self.kh, self.kw)
-
     def offsets(self, height: int, width: int) -> torch.Tensor:
         """Where each non-zero reads the zero-padded input of this size (int32; cached per size until the
         layout changes): ``c * Hp * Wp + ky * dh * Wp + kx * dw``."""
@@ -167,6 +126,11 @@ class CompactConv(CompactLayer):
             from .choose import choose_mode
 
             choose_mode(self, x)
+        if self.kernel_mode != "sparse" or not (x.dtype is torch.float32 and x.is_cpu):
+            w = dense_weight(self, "weight")  # torch's convolution, its autograd in C++
+            if self.dims == 2:
+                return F.conv2d(x, w, self.bias, padding=(self.ph, self.pw), dilation=(self.dh, self.dw))
+            return F.conv1d(x, w, self.bias, padding=self.pw, dilation=self.dw)
         y = _ConvFn.apply(x4.contiguous(), self.values, self.bias, self)
         if unbatched:
             y = y.squeeze(0)

@@ -14,15 +14,13 @@ recurrence and its backward through time run natively on the sparse hidden-to-hi
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ..native import kernels
 from . import gru_grad
-from .compact import CompactLayer, CompactWeight, hand_to_capture, panel_width
+from .compact import CompactLayer, CompactWeight, dense_weight, panel_width
 from .compact_linear import linear_rows
 from .gru import repack
 from .matrix import NO_BIAS, CompressedMatrix
@@ -61,10 +59,7 @@ class CompactGRU(CompactLayer, nn.GRU):
     def __getattr__(self, name: str):
         cws = self.__dict__.get("compact_weights")
         if cws is not None and name in cws:
-            dense = cws[name].scatter(self)
-            if self.capture is not None and dense.requires_grad:  # a RigL update step: the dense gradient
-                dense.register_hook(functools.partial(hand_to_capture, self, name))
-            return dense
+            return dense_weight(self, name)  # the dense mode: torch's recurrence on the dense matrices
         return super().__getattr__(name)
 
     def __getstate__(self) -> dict:

@@ -15,34 +15,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..native import native_for
-from .compact import CompactLayer, CompactWeight, panel_width
+from . import linear_grad  # the backward kernels' Python side
+from .compact import CompactLayer, CompactWeight, dense_weight, panel_width
 from .matrix import NO_BIAS, PARALLEL_GRAIN, CompressedMatrix
-
-try:  # the backward kernels' Python side (sparse/runtime/linear_grad.py)
-    from . import linear_grad
-except ImportError:  # pragma: no cover - absent only while it is being written
-    linear_grad = None
 
 
 class _LinearFn(torch.autograd.Function):
-    """``y = x W^T + b`` for 2-D ``x``, W the layer's compact weight ``name`` (its ``values`` are an input);
-    with ``transposed``, ``y^T`` (out, rows) in the kernel's own order (a GRU's input projections)."""
+    """``y = x W^T + b`` on the sparse kernels, for 2-D float32 CPU ``x``, W the layer's compact weight
+    ``name`` (its ``values`` are an input); with ``transposed``, ``y^T`` (out, rows) in the kernel's own
+    order (a GRU's input projections)."""
 
     @staticmethod
     def forward(ctx, x, values, bias, layer, name="weight", transposed=False):
-        cw = layer.compact_weights[name]
-        sparse = layer.kernel_mode == "sparse"
-        if sparse:
-            m = cw.matrix(layer, values)
-            b = NO_BIAS if bias is None else bias
-            y = native_for(x, values).spmm_linear(
-                x, m.row_ptr, m.cols, values, b, m.panel, PARALLEL_GRAIN, transposed
-            )
-        else:
-            y = F.linear(x, cw.scatter(layer, values), bias)
-            y = y.t().contiguous() if transposed else y
-        ctx.layer, ctx.name, ctx.transposed = layer, name, transposed
-        ctx.sparse, ctx.has_bias = sparse, bias is not None
+        m = layer.compact_weights[name].matrix(layer, values)
+        b = NO_BIAS if bias is None else bias
+        y = native_for(x, values).spmm_linear(
+            x, m.row_ptr, m.cols, values, b, m.panel, PARALLEL_GRAIN, transposed
+        )
+        ctx.layer, ctx.name, ctx.transposed, ctx.has_bias = layer, name, transposed, bias is not None
         ctx.save_for_backward(x, values)
         return y
 
@@ -54,20 +44,12 @@ class _LinearFn(torch.autograd.Function):
         dy = (dy.t() if ctx.transposed else dy).contiguous()
         need_x, need_v, need_b = ctx.needs_input_grad[:3]
         dx = dv = db = None
-        if ctx.sparse and linear_grad is not None:
-            if need_x:
-                t_matrix, perm = _transposed(layer, cw)
-                dx = linear_grad.input_grad(dy, t_matrix, values, perm)
-            if need_v:
-                dv = linear_grad.values_grad(dy, x, cw.matrix(layer, values))
-            layer.captures(name, lambda: linear_grad.dense_grad(dy, x))
-        else:
-            if need_x:
-                dx = dy @ cw.scatter(layer, values)
-            dense = dy.t() @ x
-            if need_v:
-                dv = cw.gather(layer, dense)
-            layer.captures(name, dense)
+        if need_x:
+            t_matrix, perm = _transposed(layer, cw)
+            dx = linear_grad.input_grad(dy, t_matrix, values, perm)
+        if need_v:
+            dv = linear_grad.values_grad(dy, x, cw.matrix(layer, values))
+        layer.captures(name, lambda: linear_grad.dense_grad(dy, x))
         if need_b and ctx.has_bias:
             db = dy.sum(0)
         return dx, dv, db, None, None, None
@@ -127,9 +109,9 @@ class CompactLinear(CompactLayer):
             from .choose import choose_mode
 
             choose_mode(self, x)
+        if self.kernel_mode != "sparse" or not (x.dtype is torch.float32 and x.is_cpu):
+            return F.linear(x, dense_weight(self, "weight"), self.bias)  # torch's kernels and autograd
         rows = x.reshape(-1, self.in_features)
-        if self.kernel_mode == "sparse" and not (rows.dtype is torch.float32 and rows.is_cpu):
-            raise RuntimeError("CompactLinear in sparse mode takes float32 CPU inputs")
         y = _LinearFn.apply(rows.contiguous(), self.values, self.bias, self)
         return y.reshape(*x.shape[:-1], self.out_features)
 
