@@ -159,6 +159,17 @@ def test_bad_overrides_fail_before_training(tmp_path, first_stage):
     assert cfg.train.max_steps == 7 and cfg.first_stage.path == str(first_stage.resolve())
 
 
+def test_sweep_backend_override_applies_to_sparse_methods(tmp_path, first_stage):
+    """--set sparse.backend=sparse trains the sparse runs on compact layers; a dense run of the same sweep
+    trains plainly (a dense run has no sparse weights to hold compactly) instead of failing the sweep."""
+    points = expand_grid(["dense", "static", "rigl"], [0.5], [0.1], [0])
+    planned = plan_runs(TINY, points, tmp_path, overrides=["sparse.backend=sparse"], first_stage=first_stage)
+    backends = {p.point.method: p.cfg.sparse.backend for p in planned}
+    assert backends == {"dense": "dense", "static": "sparse", "rigl": "sparse"}
+    with pytest.raises(ConfigError, match="method 'dense' has none"):  # one dense run is still refused
+        load_config(TINY, {"sparse": {"backend": "sparse"}})
+
+
 def test_first_stage_is_trained_once_and_shared(tmp_path, first_stage):
     from sparsediff.sweep import resolve_first_stage
 

@@ -1,20 +1,27 @@
 """The model-agnostic sparse engine (depends on torch only).
 
 ``sparsify(model, optimizer, method=..., sparsity=..., distribution=...)`` (or ``sparsify(model, optimizer,
-spec)`` with a :class:`SparseSpec`) returns an :class:`Engine`: a :class:`SparseEngine` for dense, static,
-RigL and MagRan, an :class:`NMSparseEngine` for SR-STE. Call its ``step()`` after every
-``optimizer.step()``.
+spec)`` with a :class:`SparseSpec`) returns an :class:`Engine`: a :class:`SparseEngine` (masked dense
+weights) or, with ``backend="sparse"``, a :class:`CompactEngine` (compact layers that hold only the
+non-zeros) for dense, static, RigL and MagRan; an :class:`NMSparseEngine` for SR-STE. Call its ``step()``
+after every ``optimizer.step()``.
 
-Modules: ``spec`` (the settings), ``base`` (the engine contract and reports), ``engine`` (unstructured
-masks), ``nm`` (N:M patterns, masks, one-shot pruning) and ``nm_engine`` (SR-STE), ``api``
+Modules: ``spec`` (the settings), ``methods`` (one class per method and its traits), ``base`` (the engine
+contract, step counting and reports), ``engine`` (masked unstructured masks) with its parts ``topology``
+(drop and grow), ``guard`` (changed-weights check), ``optim_state``, ``sync`` (DDP), ``compact_engine``
+(the sparse backend), ``nm`` (N:M patterns, masks, one-shot pruning) and ``nm_engine`` (SR-STE), ``api``
 (``sparsify``), ``masks`` (initial masks), ``integrations`` (accelerate, EMA copies), ``distribution``,
-``schedule``, ``targets``, ``io``, ``compress`` / ``decompress`` (sparse tensors on disk), ``flops``,
-``export``.
+``schedule``, ``targets``, ``io`` (engine state files), ``codec`` (sparse tensors on disk), ``counts``
+(the one definition of a model's parameter and non-zero counts), ``flops``, ``semi_structured`` (2:4
+conversion for CUDA), ``runtime`` (sparse inference and compact training layers) and ``native`` (the
+C++ kernels).
 """
 
 from .api import sparsify
 from .base import DensityReport, Engine, LayerReport, derive_seed, unwrap_optimizer
 from .codec import Support, load_compressed, save_compressed
+from .compact_engine import CompactEngine
+from .counts import ParameterCounts, parameter_counts
 from .distribution import DISTRIBUTIONS, layer_budgets, layer_densities, plan_sparsity
 from .engine import SparseEngine, UpdateStats
 from .flops import FlopReport, count_flops, training_flops_per_step, training_flops_total
@@ -41,6 +48,9 @@ from .spec import DYNAMIC_METHODS, ENGINE_METHODS, METHODS, NM_METHODS, UNSTRUCT
 from .targets import select_targets, unwrap_model
 
 __all__ = [
+    "CompactEngine",
+    "ParameterCounts",
+    "parameter_counts",
     "DISTRIBUTIONS",
     "DYNAMIC_METHODS",
     "ENGINE_METHODS",

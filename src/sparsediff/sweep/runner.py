@@ -22,7 +22,16 @@ from ..config import load_config
 from ..errors import ConfigError, SparsediffError, TrainingError
 from ..progress import format_seconds, progress_bar
 from ..run import RunDir
-from .plan import CONFIGS, Overrides, PlannedRun, SweepSpec, override_dict, plan_runs, write_manifest
+from .plan import (
+    CONFIGS,
+    Overrides,
+    PlannedRun,
+    SweepSpec,
+    dense_backend_for_dense,
+    override_dict,
+    plan_runs,
+    write_manifest,
+)
 
 __all__ = ["FIRST_STAGE", "RunStatus", "cpu_count", "resolve_first_stage", "run_status", "sweep"]
 
@@ -78,7 +87,8 @@ def resolve_first_stage(
         ConfigError: the directory does not exist, or the preset needs a pretrained first stage (a VQ-f4
             for the paper's LDM presets) that cannot be trained here.
     """
-    cfg = load_config(preset, override_dict(overrides))
+    # the first stage is the same for every method: read the preset as a dense run would
+    cfg = load_config(preset, dense_backend_for_dense(override_dict(overrides), "dense"))
     if cfg.family != "ldm" or cfg.first_stage.kind == "none":
         return None
     path = first_stage or cfg.first_stage.path
