@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError, StateError
+from ..errors import ConfigError
 from .base import derive_seed
 from .engine import SparseEngine
 from .guard import refuse_sparse_weights
@@ -369,14 +369,7 @@ class CompactEngine(SparseEngine):
 
     @torch.no_grad()
     def _restore(self, state: Mapping[str, Any], step: int) -> None:
-        masks = state["masks"]
-        for name in self.names:
-            nnz = int(masks[name].bool().sum())
-            if nnz != self.budgets[name]:
-                raise StateError(
-                    f"engine state does not match this model: layer {name!r} has {nnz} active weights "
-                    f"in the state but a budget of {self.budgets[name]}"
-                )
+        masks = self._saved_masks_in_budget(state)
         current = self.masks
         for name in self.names:
             saved = masks[name].to(current[name].device).bool().reshape(-1)

@@ -401,8 +401,8 @@ class SparseEngine(Engine):
     def _schedule_changed(self) -> None:
         self.schedule = self._make_schedule()
 
-    @torch.no_grad()
-    def _restore(self, state: Mapping[str, Any], step: int) -> None:
+    def _saved_masks_in_budget(self, state: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
+        """The state's masks, each checked to hold exactly its layer's budget of active weights."""
         masks = state["masks"]
         for name in self.names:
             nnz = int(masks[name].bool().sum())
@@ -411,6 +411,11 @@ class SparseEngine(Engine):
                     f"engine state does not match this model: layer {name!r} has {nnz} active weights "
                     f"in the state but a budget of {self.budgets[name]}"
                 )
+        return masks
+
+    @torch.no_grad()
+    def _restore(self, state: Mapping[str, Any], step: int) -> None:
+        masks = self._saved_masks_in_budget(state)
         for name in self.names:
             self._masks[name].copy_(masks[name].to(self._masks[name].device))
         self._bool_cache = None

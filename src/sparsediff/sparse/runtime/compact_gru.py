@@ -22,7 +22,7 @@ from ..native import kernels
 from . import gru_grad
 from .compact import CompactLayer, CompactWeight, dense_weight, panel_width
 from .compact_linear import linear_rows
-from .gru import repack
+from .gru import gru_outputs
 from .matrix import NO_BIAS, CompressedMatrix
 
 _GRU_ATTRS = (
@@ -133,15 +133,7 @@ class CompactGRU(CompactLayer, nn.GRU):
                 outs.append(out.transpose(1, 2))  # (T, B, H)
                 finals.append(last)
             inp = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        h_n = torch.stack(finals)
-        if packed:
-            if order is not None:  # back to the caller's order
-                back = x.unsorted_indices.to(inp.device)
-                inp, h_n = inp.index_select(1, back), h_n.index_select(1, back)
-            return repack(inp, x), h_n
-        if unbatched:
-            return inp.squeeze(1), h_n.squeeze(1)
-        return (inp.transpose(0, 1) if self.batch_first else inp), h_n
+        return gru_outputs(inp, torch.stack(finals), x, order, unbatched, self.batch_first)
 
 
 class _Recurrence(torch.autograd.Function):

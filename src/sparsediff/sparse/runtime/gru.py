@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
@@ -124,15 +126,27 @@ class SparseGRU(CompressedLayer):
                 outs.append(out.transpose(1, 2))  # (T, B, H)
                 finals.append(last)
             inp = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        h_n = torch.stack(finals)
-        if packed:
-            if order is not None:  # back to the caller's order
-                back = x.unsorted_indices.to(inp.device)
-                inp, h_n = inp.index_select(1, back), h_n.index_select(1, back)
-            return repack(inp, x), h_n
-        if unbatched:
-            return inp.squeeze(1), h_n.squeeze(1)
-        return (inp.transpose(0, 1) if self.batch_first else inp), h_n
+        return gru_outputs(inp, torch.stack(finals), x, order, unbatched, self.batch_first)
+
+
+def gru_outputs(
+    out: torch.Tensor,
+    h_n: torch.Tensor,
+    x: Any,
+    order: torch.Tensor | None,
+    unbatched: bool,
+    batch_first: bool,
+) -> tuple[Any, torch.Tensor]:
+    """A GRU's ``(output, h_n)`` as ``nn.GRU`` returns them for input ``x``, from the last layer's output
+    (T, B, H) and the final states, both in the order the recurrence ran (sorted when ``order`` is set)."""
+    if isinstance(x, PackedSequence):
+        if order is not None:  # back to the caller's order
+            back = x.unsorted_indices.to(out.device)
+            out, h_n = out.index_select(1, back), h_n.index_select(1, back)
+        return repack(out, x), h_n
+    if unbatched:
+        return out.squeeze(1), h_n.squeeze(1)
+    return (out.transpose(0, 1) if batch_first else out), h_n
 
 
 def repack(padded: torch.Tensor, like: PackedSequence) -> PackedSequence:
