@@ -96,7 +96,8 @@ def test_resume_rejects_another_configuration(first_stage, tmp_path):
     with pytest.raises(ConfigError, match="already holds a run"):
         train(cfg, tmp_path / "run", quiet=True)
     longer = tiny(first_stage, sparse={"method": "rigl", "sparsity": 0.5}, train={"max_steps": 6})
-    assert train(longer, tmp_path / "run", resume=True, quiet=True)["steps"] == 6
+    with pytest.warns(UserWarning, match="saved update schedule is kept"):  # more steps, same schedule
+        assert train(longer, tmp_path / "run", resume=True, quiet=True)["steps"] == 6
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(first_stage, tmp_path, monkeypatch):
