@@ -48,19 +48,18 @@ from .spec import DYNAMIC_METHODS, ENGINE_METHODS, METHODS, NM_METHODS, UNSTRUCT
 from .targets import select_targets, unwrap_model
 
 __all__ = [
-    "CompactEngine",
-    "ParameterCounts",
-    "parameter_counts",
     "DISTRIBUTIONS",
     "DYNAMIC_METHODS",
     "ENGINE_METHODS",
     "METHODS",
     "UNSTRUCTURED_METHODS",
+    "CompactEngine",
     "DensityReport",
     "EMATargets",
     "Engine",
     "FlopReport",
     "LayerReport",
+    "ParameterCounts",
     "SparseEngine",
     "SparseSpec",
     "UpdateSchedule",
@@ -70,13 +69,14 @@ __all__ = [
     "hook_accelerator",
     "layer_budgets",
     "load_engine_state",
-    # compressed sparse tensors in safetensors files (compress.py, decompress.py)
+    # compressed sparse tensors in safetensors files (codec/)
     "Support",
     "load_compressed",
     "save_compressed",
     "save_engine_state",
     "layer_densities",
     "masks_from_weights",
+    "parameter_counts",
     "plan_sparsity",
     "select_targets",
     "sparsify",

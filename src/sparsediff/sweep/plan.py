@@ -236,8 +236,8 @@ def expand_grid(
 # ---------------------------------------------------------------------------- each run's configuration
 
 
-def dense_backend_for_dense(overrides: dict[str, Any], method: str) -> dict[str, Any]:
-    """A copy of ``overrides`` for a run of ``method``: ``sparse.backend`` is the sparse methods' setting
+def overrides_for_method(overrides: dict[str, Any], method: str) -> dict[str, Any]:
+    """A copy of a sweep's ``overrides`` for its runs of ``method``: ``sparse.backend`` is the sparse methods' setting
     (``--set sparse.backend=sparse`` trains a sweep's sparse runs on compact layers), so a dense run of the
     same sweep trains plainly instead of being refused."""
     data = json.loads(json.dumps(overrides))
@@ -284,7 +284,7 @@ def plan_runs(
         deep_update(base, {"first_stage": {"path": str(Path(first_stage).resolve())}})
     planned = []
     for point in points:
-        data = deep_update(dense_backend_for_dense(base, point.method), point.overrides())
+        data = deep_update(overrides_for_method(base, point.method), point.overrides())
         cfg = load_config(preset, data)
         planned.append(PlannedRun(point, cfg, out / point.name, out / CONFIGS / f"{point.name}.yaml"))
     return planned

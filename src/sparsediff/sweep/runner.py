@@ -27,8 +27,8 @@ from .plan import (
     Overrides,
     PlannedRun,
     SweepSpec,
-    dense_backend_for_dense,
     override_dict,
+    overrides_for_method,
     plan_runs,
     write_manifest,
 )
@@ -88,7 +88,7 @@ def resolve_first_stage(
             for the paper's LDM presets) that cannot be trained here.
     """
     # the first stage is the same for every method: read the preset as a dense run would
-    cfg = load_config(preset, dense_backend_for_dense(override_dict(overrides), "dense"))
+    cfg = load_config(preset, overrides_for_method(override_dict(overrides), "dense"))
     if cfg.family != "ldm" or cfg.first_stage.kind == "none":
         return None
     path = first_stage or cfg.first_stage.path
