@@ -196,6 +196,27 @@ def test_linear_matches_masked_dense(features, batch, density, bias, layout, con
     _compare(compact, reference, weights, call, [torch.randn(shape[layout])], max(k, math.prod(batch)))
 
 
+def test_inputs_the_kernels_do_not_take_compute_in_dense_mode_and_say_so_once(monkeypatch):
+    """A float64 input (as a CUDA one would) makes a compact layer compute in dense mode: the masked
+    layer's outputs and gradients, and one warning per reason and process, not one per layer or call."""
+    from sparsediff.sparse.runtime import choose
+
+    if kernels() is None:
+        pytest.skip("native kernels not built: their absence is warned of by the build")
+    monkeypatch.setattr(choose, "_told_dense", set())
+    torch.manual_seed(0)
+    linears = [nn.Linear(16, 8).double() for _ in range(2)]
+    masks = [_mask((8, 16), 0.3, s) for s in range(2)]
+    with pytest.warns(UserWarning, match="cpu float64 inputs compute in dense mode") as caught:
+        compacts = [CompactLinear(lin, m) for lin, m in zip(copy.deepcopy(linears), masks)]
+        x = torch.randn(4, 16, dtype=torch.float64)
+        outs = [c(x) for c in compacts] + [compacts[0](x)]
+    assert sum("dense mode" in str(w.message) for w in caught) == 1
+    assert all(c.kernel_mode == "dense" for c in compacts)
+    for lin, m, out in zip(linears, masks, outs):
+        torch.testing.assert_close(out, nn.functional.linear(x, lin.weight * m, lin.bias))
+
+
 # ---------------------------------------------------------------------------- CompactConv
 
 # (kernel, dilation, padding): 1x1, 3x3, 1x3 (and 3 for Conv1d), dilation 2, padding 0, 1 and "same"

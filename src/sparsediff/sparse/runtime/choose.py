@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -47,8 +48,23 @@ MEASURE_ROUNDS = (3, 15)  # at least / at most, alternating, stopping once MEASU
 MEASURE_SECONDS = 0.02
 
 
+_told_dense: set[str] = set()  # the reasons already warned of, once per process each
+
+
 def _native_takes(x: torch.Tensor) -> bool:
-    return x.dtype is torch.float32 and x.is_cpu and kernels() is not None
+    if kernels() is None:  # the build has already warned, once
+        return False
+    if x.dtype is torch.float32 and x.is_cpu:
+        return True
+    reason = f"{x.device.type} {str(x.dtype).removeprefix('torch.')}"
+    if reason not in _told_dense:
+        _told_dense.add(reason)
+        warnings.warn(
+            f"sparsediff: the native sparse kernels take float32 CPU tensors; compact layers on {reason} "
+            "inputs compute in dense mode (correct, and holding only the non-zeros, but not faster)",
+            stacklevel=3,
+        )
+    return False
 
 
 def density(layer: nn.Module) -> float:
