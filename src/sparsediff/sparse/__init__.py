@@ -8,7 +8,8 @@ after every ``optimizer.step()``.
 
 Modules: ``spec`` (the settings), ``methods`` (one class per method and its traits), ``base`` (the engine
 contract, step counting and reports), ``engine`` (masked unstructured masks) with its parts ``topology``
-(drop and grow), ``guard`` (changed-weights check), ``optim_state``, ``sync`` (DDP), ``compact_engine``
+(drop and grow), ``ever_active`` (the weights ever active, RigL's in-time over-parameterisation),
+``guard`` (changed-weights check), ``optim_state``, ``sync`` (DDP), ``compact_engine``
 (the sparse backend), ``nm`` (N:M patterns, masks, one-shot pruning) and ``nm_engine`` (SR-STE), ``api``
 (``sparsify``), ``masks`` (initial masks), ``integrations`` (accelerate, EMA copies), ``distribution``,
 ``schedule``, ``targets``, ``io`` (engine state files), ``codec`` (sparse tensors on disk), ``counts``

@@ -47,6 +47,7 @@ class LayerReport:
     nonzero: int  # entries that are literally non-zero now (just-grown weights are still 0)
     budget: int
     density: float  # active / numel
+    ever_active: int | None = None  # positions active at any step so far (None: the engine does not say)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class DensityReport:
     params_nonzero: int  # active entries of targets + every entry of the other parameters
     target_total: int  # entries of the sparsified weights
     target_nonzero: int  # active entries of the sparsified weights
+    target_ever_active: int | None = None  # entries of the sparsified weights active at any step so far
 
     @property
     def density(self) -> float:
@@ -67,10 +69,20 @@ class DensityReport:
     def target_density(self) -> float:
         return self.target_nonzero / max(self.target_total, 1)
 
+    @property
+    def ever_active_fraction(self) -> float | None:
+        """Fraction of the sparsified weights active at any step so far (RigL's in-time
+        over-parameterisation rate; the density itself for a static mask), or None where the engine does
+        not track it (N:M)."""
+        if self.target_ever_active is None:
+            return None
+        return self.target_ever_active / max(self.target_total, 1)
+
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "layers"}
         d["density"] = self.density
         d["target_density"] = self.target_density
+        d["ever_active_fraction"] = self.ever_active_fraction
         d["layers"] = [asdict(layer) for layer in self.layers]
         return d
 
@@ -296,6 +308,10 @@ class Engine(abc.ABC):
             nonzero = int(torch.count_nonzero(self._effective_weight(name, mask)))
             numel = math.prod(shape)
             layers.append(LayerReport(name, shape, numel, active, nonzero, budgets[name], active / numel))
+        ever = self._ever_active_counts({layer.name: layer.active for layer in layers})
+        if ever is not None:
+            for layer in layers:
+                layer.ever_active = ever[layer.name]
         counts = parameter_counts(self._counted_parameters(), masks)  # the one definition (counts.py)
         return self._make_report(
             layers=layers,
@@ -303,7 +319,13 @@ class Engine(abc.ABC):
             params_nonzero=counts.nonzero,
             target_total=counts.target_total,
             target_nonzero=counts.target_nonzero,
+            target_ever_active=None if ever is None else sum(ever.values()),
         )
+
+    def _ever_active_counts(self, active: dict[str, int]) -> dict[str, int] | None:
+        """Layer name -> positions active at any step so far, given each layer's ``active`` count now;
+        None where the engine does not track it."""
+        return None
 
     def _counted_parameters(self) -> Any:
         """What :meth:`report` counts: the model's parameters (an engine that holds its weights in another

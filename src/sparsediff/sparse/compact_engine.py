@@ -131,6 +131,7 @@ class CompactEngine(SparseEngine):
             for n in self.names
         }
         broadcast_masks(bool_masks, self.names)
+        self._record_ever_active(bool_masks)
         if self._fresh:
             refuse_sparse_weights(self._params, bool_masks, self.budgets, self.names)
         with torch.no_grad():
@@ -305,6 +306,7 @@ class CompactEngine(SparseEngine):
             stats.new += newly
             stats.per_layer[name] = newly
             self._move(name, after)
+            self._record_ever_active({name: after})
         stats.regrown = stats.grown - stats.new
         self._bool_cache = None
         self.num_updates += 1
@@ -365,6 +367,7 @@ class CompactEngine(SparseEngine):
             "masks": {n: m.detach().cpu().clone() for n, m in self.masks.items()},
             "backend": self.BACKEND,
             "kernel_modes": {n: t.host.kernel_mode for n, t in self.targets.items()},
+            **self._ever_active_state(),
         }
 
     @torch.no_grad()
@@ -375,7 +378,8 @@ class CompactEngine(SparseEngine):
             saved = masks[name].to(current[name].device).bool().reshape(-1)
             if not torch.equal(saved, current[name].reshape(-1)):
                 self._move(name, saved)
-        self._bool_cache = None
+        self._restore_ever_active(state)
+        self._bool_cache = None  # not kept: the dense masks of every layer at once cost a byte per weight
         modes = state.get("kernel_modes") or {}
         for name, target in self.targets.items():
             if modes.get(name) in ("sparse", "dense"):

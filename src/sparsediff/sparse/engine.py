@@ -48,6 +48,7 @@ from torch import nn
 from ..errors import ConfigError, StateError
 from .base import Engine, derive_seed
 from .distribution import layer_budgets, layer_densities
+from .ever_active import EverActive
 from .guard import WeightGuard, refuse_pruned_writes, refuse_sparse_weights
 from .masks import check_given_masks, masks_from_weights, random_mask
 from .optim_state import zero_state_where
@@ -96,6 +97,7 @@ class SparseEngine(Engine):
             device = torch.device("cpu") if p.is_meta else p.device  # a meta mask would hold no values
             self._masks[name] = mask.to(device=device, dtype=p.dtype)
         self._sync_masks(self._masks)
+        self._record_ever_active(self._masks)
         self._guard = WeightGuard(self._params, self.names)
         self._pending = any(p.is_meta for p in self._params.values())  # masks not applied yet
         if not self._pending:
@@ -118,6 +120,8 @@ class SparseEngine(Engine):
         self.last_update = UpdateStats()
         self.stats["sync_mismatch"] = 0
         self._bool_cache: dict[str, torch.Tensor] | None = None
+        # the positions ever active, where the topology moves (static and dense: the mask itself)
+        self._ever = EverActive(self._shapes) if self.method.dynamic else None
         self._check_optimizer("a sparsification target")
 
     def _make_schedule(self) -> UpdateSchedule | None:
@@ -343,6 +347,7 @@ class SparseEngine(Engine):
             stats.new += newly
             stats.per_layer[name] = newly
             mask.copy_(after)
+            self._record_ever_active({name: after})
             survive = both.to(p.dtype)  # 1 where value and state carry over (float: fast multiplies)
             p.mul_(survive)
             zero_state_where(self.optimizer, p, survive)
@@ -352,6 +357,17 @@ class SparseEngine(Engine):
         self.num_updates += 1
         self.last_update = stats
         return stats.new > 0
+
+    def _record_ever_active(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Add these layers' masks to the positions ever active (dynamic methods)."""
+        if self._ever is not None:
+            for name, mask in masks.items():
+                self._ever.record(name, mask)
+
+    def _ever_active_counts(self, active: dict[str, int]) -> dict[str, int] | None:
+        if not self.method.masked:
+            return None  # dense: every weight is active, nothing to tell
+        return self._ever.counts() if self._ever is not None else dict(active)
 
     def _sync_masks(self, masks: dict[str, torch.Tensor]) -> int:
         """Make every data-parallel rank use rank 0's masks (in place); returns the entries corrected."""
@@ -393,7 +409,16 @@ class SparseEngine(Engine):
         return {
             "budgets": dict(self.budgets),
             "masks": {n: m.detach().bool().cpu().clone() for n, m in self._masks.items()},
+            **self._ever_active_state(),
         }
+
+    def _ever_active_state(self) -> dict[str, Any]:
+        return {"ever_active": self._ever.state()} if self._ever is not None else {}
+
+    def _restore_ever_active(self, state: Mapping[str, Any]) -> None:
+        """The saved positions ever active (a state without them starts again from its masks)."""
+        if self._ever is not None:
+            self._ever.load(state.get("ever_active") or {}, self.masks)
 
     def _saved_shapes(self, state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         return {n: tuple(m.shape) for n, m in state.get("masks", {}).items()}
@@ -419,6 +444,7 @@ class SparseEngine(Engine):
         for name in self.names:
             self._masks[name].copy_(masks[name].to(self._masks[name].device))
         self._bool_cache = None
+        self._restore_ever_active(state)
         self._dense_grads = None
         self._grads_masked = False
         self._guard.forget()  # the next step checks every weight against the restored masks

@@ -15,8 +15,10 @@ from ..errors import StateError
 from .base import Engine
 from .codec import load_compressed, save_compressed
 
-# The tensors of an engine state file: MASK_PREFIX + layer name -> uint8 0/1 mask.
+# The tensors of an engine state file: MASK_PREFIX + layer name -> uint8 0/1 mask; EVER_ACTIVE_PREFIX +
+# layer name -> the positions ever active, packed bits (dynamic methods, sparse/ever_active.py).
 MASK_PREFIX = "mask/"
+EVER_ACTIVE_PREFIX = "ever_active/"
 _PREFIX = MASK_PREFIX
 
 
@@ -24,7 +26,9 @@ def engine_state_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tens
     """Split an engine ``state_dict()`` into safetensors tensors (its ``masks``, when it stores any) and
     string metadata (everything else, as JSON)."""
     tensors = {_PREFIX + n: m.to(torch.uint8).contiguous() for n, m in state.get("masks", {}).items()}
-    meta = {k: v for k, v in state.items() if k != "masks"}
+    for n, bits in state.get("ever_active", {}).items():
+        tensors[EVER_ACTIVE_PREFIX + n] = bits.to(torch.uint8).contiguous()
+    meta = {k: v for k, v in state.items() if k not in ("masks", "ever_active")}
     return tensors, {"sparsediff_engine": json.dumps(meta)}
 
 
@@ -40,6 +44,9 @@ def engine_state_from_tensors(
     masks = {k[len(_PREFIX) :]: v.bool() for k, v in tensors.items() if k.startswith(_PREFIX)}
     if masks:  # an N:M engine stores none: its masks follow from the weights
         state["masks"] = masks
+    ever = {k[len(EVER_ACTIVE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(EVER_ACTIVE_PREFIX)}
+    if ever:
+        state["ever_active"] = ever
     return state
 
 
