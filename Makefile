@@ -15,7 +15,7 @@ $(BIN)/python:
 
 # Reinstall only when the package metadata or the pinned versions change.
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,tracking]'
 	@touch $(STAMP)
 
 install: $(STAMP)

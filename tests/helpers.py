@@ -174,3 +174,55 @@ def tiny_unet() -> nn.Module:
         attention_head_dim=8,
         norm_num_groups=8,
     )
+
+
+# ---------------------------------------------------------------------------- tracker files
+
+
+def wandb_records(path: Path) -> list:
+    """The records (``wandb_internal_pb2.Record``) of one ``run-<id>.wandb`` file of an offline W&B run.
+
+    The file is W&B's transaction log: a 7-byte header (``:W&B``, magic 0xBEE1, version 0), then 32 KiB
+    blocks of chunks, each ``crc32c (4) | length (2, little-endian) | type (1: full, 2: first, 3: middle,
+    4: last)`` and its payload; a block's last bytes are zero padding when a chunk header no longer fits.
+    Read here without W&B's service, so that a test sees what the file holds.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B transaction log")
+    block, pos, pending, out = 32 * 1024, 7, b"", []
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        if room < 7:  # padding at the end of a block
+            pos += room
+            continue
+        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
+        kind = data[pos + 6]
+        if kind == 0 and length == 0:  # zero padding
+            pos += room
+            continue
+        payload = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            out.append(rec)
+            pending = b""
+    return out
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    """Every history row of the offline W&B runs in ``RUN/wandb`` (in file order): key -> value."""
+    import json
+
+    rows = []
+    for path in sorted(Path(run_dir, "wandb").glob("offline-run-*/run-*.wandb")):
+        for rec in wandb_records(path):
+            if rec.WhichOneof("record_type") == "history":
+                rows.append(
+                    {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+                )
+    return rows

@@ -85,6 +85,16 @@ class TrainSpec:
     # fine-tuning: safetensors weights the denoiser starts from (relative: to the run directory); with
     # distill_weight > 0 they are also the frozen teacher. `sparsediff finetune` sets it.
     init_from: str | None = None
+    # watching the run (watch.py): fixed-seed EMA sample grids into samples/during/ every sample_every
+    # steps and at the last step (0: none), sample_num samples each, DDIM over sample_steps steps
+    sample_every: int = 0
+    sample_num: int = 16
+    sample_steps: int = 25
+    # trackers fed through accelerate: none | tensorboard | wandb | all (pip install 'sparsediff[tracking]')
+    report_to: str = "none"
+    tracker_project: str = "sparsediff"  # the W&B project (TensorBoard: RUN/tensorboard/)
+    tracker_name: str | None = None  # the run's name on a dashboard (default: its directory's name)
+    tracker_group: str | None = None  # runs compared side by side (a sweep sets its directory's name)
 
 
 @dataclass

@@ -50,11 +50,18 @@ def evaluate_run(
     device: str | None = None,
     quiet: bool = False,
     backend: str = "dense",
+    report_to: str | None = None,
 ) -> dict[str, Any]:
     """Generate samples, compute FID against the held-out split, count parameters and FLOPs, and record
-    the measured sampling time (``generate_seconds``) of ``backend`` next to the FLOPs."""
-    from .metrics import compute_fid
+    the measured sampling time (``generate_seconds``) of ``backend`` next to the FLOPs.
 
+    ``report_to`` (``tensorboard``, ``wandb``, ``all``; default none) also logs FID, the sampling time and
+    the sample grid into the run's tracker runs, at its last training step (see :mod:`sparsediff.watch`).
+    """
+    from .metrics import compute_fid
+    from .watch import log_evaluation, tracker_names
+
+    tracker_names(report_to)  # an unknown or missing tracker fails before the samples are drawn
     run = RunDir(run_dir)
     run_dir = run.path
     t0 = time.perf_counter()
@@ -91,7 +98,7 @@ def evaluate_run(
 
     out_dir = run.eval_dir
     out_dir.mkdir(exist_ok=True)
-    grid = save_grid(samples.images[:64], out_dir / "grid.png")
+    grid = save_grid(task.preview_images(samples)[:64], out_dir / "grid.png")
     result = {
         "run": str(run_dir),
         "preset": cfg.name,
@@ -125,6 +132,8 @@ def evaluate_run(
         "grid": str(grid),
     }
     run.write_eval(result)  # atomic: a reader never sees half a file
+    if report_to:
+        log_evaluation(run, cfg, result, report_to, quiet)
     return result
 
 

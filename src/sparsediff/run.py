@@ -7,7 +7,9 @@ A run directory holds everything about one run::
     checkpoints/        atomic checkpoints (see ``checkpoint.py``), ``latest`` pointer
     init.safetensors    the weights a fine-tuning run starts from (``sparsediff finetune``)
     summary.json        the typed :class:`RunSummary`, written when training stops
-    samples/            ``sparsediff sample`` output
+    samples/            ``sparsediff sample`` output; samples/during/ the grids drawn while training
+    tensorboard/, wandb/, tracking.json
+                        what the trackers write while it trains (``train.report_to``, see ``watch.py``)
     eval/, eval.json    ``sparsediff evaluate`` output
 
 :class:`RunDir` is the only place that spells these names; sampling, evaluation, export, fine-tuning,
@@ -58,7 +60,21 @@ __all__ = [
 ]
 
 # Fields a resumed run may change; anything else must match the run directory's config.
-RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.ckpt_every", "train.log_every", "description"}
+RESUMABLE_CHANGES = {
+    "train.max_steps",
+    "train.epochs",
+    "train.ckpt_every",
+    "train.log_every",
+    "description",
+    # what is watched while it trains changes nothing of the training itself
+    "train.sample_every",
+    "train.sample_num",
+    "train.sample_steps",
+    "train.report_to",
+    "train.tracker_project",
+    "train.tracker_name",
+    "train.tracker_group",
+}
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -132,6 +148,10 @@ class RunSummary:
     masked_layers: int | None = None
     dense_layers: dict[str, Any] | None = None
     checkpoint_bytes: int | None = None
+    # fraction of the sparsified weights ever active, and per layer density / fraction ever active
+    topology: dict[str, Any] | None = None
+    sample_grids: int | None = None  # grids drawn while training (train.sample_every), and their seconds
+    sample_grid_seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # The order of the keys in summary.json (readers and recorded CSVs see this order).
@@ -156,6 +176,7 @@ class RunSummary:
         "masked_layers",
         "dense_layers",
         "topology_updates",
+        "topology",
         "flops_forward_dense",
         "flops_forward_sparse",
         "flops_train_per_step",
@@ -163,6 +184,8 @@ class RunSummary:
         "flops_train_total_dense",
         "checkpoint",
         "checkpoint_bytes",
+        "sample_grids",
+        "sample_grid_seconds",
         "init_from",
         "distill_weight",
         "task",
@@ -175,6 +198,9 @@ class RunSummary:
             "masked_layers",
             "dense_layers",
             "checkpoint_bytes",
+            "topology",
+            "sample_grids",
+            "sample_grid_seconds",
         }
     )
 
@@ -215,6 +241,9 @@ class RunDir:
     SAMPLES = "samples"
     EVAL_DIR = "eval"
     INIT = "init.safetensors"
+    DURING = "during"  # under SAMPLES: the grids drawn while training
+    TENSORBOARD = "tensorboard"
+    TRACKING = "tracking.json"  # the tracker run ids of this run (resume and evaluate log into them)
 
     def __init__(self, path: str | Path):
         self._path = Path(path)
@@ -262,6 +291,18 @@ class RunDir:
     @property
     def eval_dir(self) -> Path:
         return self._path / self.EVAL_DIR
+
+    @property
+    def during_dir(self) -> Path:
+        return self._path / self.SAMPLES / self.DURING
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self._path / self.TENSORBOARD
+
+    @property
+    def tracking_path(self) -> Path:
+        return self._path / self.TRACKING
 
     # ------------------------------------------------------------------ what it holds
 

@@ -52,6 +52,7 @@ from .run import RunDir, RunSummary, load_init_weights
 from .sparse import Engine, count_flops, derive_seed, sparsify, training_flops_per_step, training_flops_total
 from .sparse.io import engine_state_from_tensors, engine_state_to_tensors
 from .tasks import Task, TrainData, make_task
+from .watch import Watch, check_watch_settings, make_trackers, start_trackers
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -131,8 +132,8 @@ def start_run(
     """Check and build everything, then write the run's config.
 
     Nothing is written to the run directory until the configuration, the task, the first stage, the
-    training data and the sparse engine are all in place: a start that fails leaves no directory behind
-    (when there was none before), so the corrected command can run. The main process creates the
+    training data and the sparse engine are all in place: a start that fails (the trackers' start
+    included) leaves no directory behind (when there was none before), so the corrected command can run. The main process creates the
     directory; the others wait for it.
     """
     if accelerator.is_main_process:
@@ -140,13 +141,14 @@ def start_run(
     created = not run.path.exists()
     try:
         trainer = _build(cfg, run, accelerator, quiet, init_weights)
+        if accelerator.is_main_process:
+            run.write_config(cfg)
+            run.checkpoints.clean_temporary()
+        start_trackers(accelerator, cfg, run)  # a tracker that cannot start (W&B not logged in) stops here
     except BaseException:
         if accelerator.is_main_process and created:
             shutil.rmtree(run.path, ignore_errors=True)  # e.g. a latent cache written into it
         raise
-    if accelerator.is_main_process:
-        run.write_config(cfg)
-        run.checkpoints.clean_temporary()
     accelerator.wait_for_everyone()
     return trainer
 
@@ -326,21 +328,29 @@ class MetricsLog:
     def _reset(self) -> None:
         self.loss, self.n, self.new, self.time = 0.0, 0, 0, 0.0
 
-    def add(self, step: int, end: int, loss: float, seconds: float) -> None:
-        """Account for step ``step``; write a record every ``log_every`` steps and at ``end``."""
+    def add(self, step: int, end: int, loss: float, seconds: float) -> dict[str, Any] | None:
+        """Account for step ``step``; write a record every ``log_every`` steps and at ``end`` (returned;
+        None on the other steps and processes)."""
         tr = self.tr
         self.loss += loss
         self.n += 1
         self.time += seconds
         self.new += tr.engine.new_connections()
+        record = None
         if self.file is not None and (step % tr.cfg.train.log_every == 0 or step == end):
+            report = tr.engine.report()
             record = {
                 "step": step,
                 "loss": self.loss / self.n,
                 "lr": tr.scheduler.get_last_lr()[0],
-                "density": tr.engine.report().target_density,
+                "density": report.target_density,
                 "topology_updates": tr.engine.num_updates,
                 "topology_changes": self.new,
+                **(
+                    {"ever_active": report.ever_active_fraction}
+                    if report.ever_active_fraction is not None
+                    else {}
+                ),
                 **({"pattern": str(tr.engine.pattern)} if tr.engine.pattern is not None else {}),
                 "step_time": self.time / self.n,
                 "samples_per_s": tr.cfg.train.batch_size * self.n / max(self.time, 1e-9),
@@ -350,6 +360,7 @@ class MetricsLog:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", density=f"{record['density']:.3f}")
             self._reset()
         self.bar.update(1)
+        return record
 
     def close(self) -> None:
         self.bar.close()
@@ -382,12 +393,18 @@ def train(
     from accelerate import Accelerator
 
     run = RunDir(run_dir)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    trackers = check_watch_settings(cfg)  # a tracker that is not installed fails before anything is written
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        log_with=make_trackers(trackers, cfg, run, quiet=quiet) or None,
+    )
     tr = start_run(cfg, run, accelerator, resume, quiet, init_weights)
     start, seconds_before = resume_from_checkpoint(tr, quiet) if resume else (0, 0.0)
     flops = count_flops(tr.raw_model, tr.task.example_inputs(tr.raw_model), tr.engine)
 
     sampler = EpochSampler(len(tr.data), cfg.train.seed)
+    watch = Watch(tr)
     log = MetricsLog(tr, start, quiet)
     train_seconds = 0.0
     last_ckpt = run.checkpoints.latest()
@@ -399,17 +416,27 @@ def train(
             step += 1
             loss, seconds = train_step(tr, sampler, step, last_ckpt)
             train_seconds += seconds
-            log.add(step, end, loss, seconds)
+            record = log.add(step, end, loss, seconds)
+            if record is not None:
+                watch.log_record(record)
+            watch.after_step(step)  # the topology after an update, the sample grid when one is due
             if step % cfg.train.ckpt_every == 0 and step < end:
                 last_ckpt = save_checkpoint(tr, step, seconds_before + train_seconds) or last_ckpt
         last_ckpt = save_checkpoint(tr, step, seconds_before + train_seconds) or last_ckpt
     finally:
         log.close()
+        watch.finish()
 
     consistency = _rank_consistency(accelerator, tr.engine, tr.raw_model)
     summary: dict[str, Any] = {}
     if tr.is_main:
         result = summarize(tr, step, seconds_before + train_seconds, last_ckpt, flops, consistency)
+        # grids of this call plus those of the calls before it (a run trained in parts)
+        before = (run.read_summary() or {}) if resume else {}
+        grids = int(before.get("sample_grids") or 0) + watch.grids
+        result.sample_grids = grids or None
+        result.sample_grid_seconds = float(before.get("sample_grid_seconds") or 0.0) + watch.grid_seconds
+        result.sample_grid_seconds = result.sample_grid_seconds if grids else None
         summary = run.write_summary(result)
     accelerator.wait_for_everyone()
     tr.engine.remove()
@@ -466,7 +493,18 @@ def summarize(
         init_from=tr.init_info,
         distill_weight=t_cfg.distill_weight if tr.teacher is not None else 0.0,
         task=tr.task.describe(),
+        topology=_topology(report),
     )
+
+
+def _topology(report: Any) -> dict[str, Any] | None:
+    """The summary's picture of the topology: the fraction of the sparsified weights ever active and, per
+    layer, density and fraction ever active (None for dense and N:M runs)."""
+    from .watch import topology_layers
+
+    if report.ever_active_fraction is None or not report.layers:
+        return None
+    return {"ever_active": report.ever_active_fraction, "layers": topology_layers(report)}
 
 
 def _digest(tensors) -> int:

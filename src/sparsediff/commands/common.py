@@ -89,6 +89,28 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_watch_options(p: argparse.ArgumentParser) -> None:
+    """``--report-to`` and ``--sample-every``: how a run is watched while it trains (``train.report_to``,
+    ``train.sample_every``)."""
+    from ..watch import TRACKERS
+
+    g = p.add_argument_group("watching the run")
+    g.add_argument(
+        "--report-to",
+        choices=TRACKERS,
+        help="log metrics, sample grids and the topology to TensorBoard (RUN/tensorboard), W&B (RUN/wandb; "
+        "WANDB_MODE=offline without a network) or both, through accelerate (pip install "
+        "'sparsediff[tracking]'); default: the preset's train.report_to (none)",
+    )
+    g.add_argument(
+        "--sample-every",
+        type=int,
+        metavar="STEPS",
+        help="draw a fixed-seed EMA sample grid into RUN/samples/during/ every STEPS steps (0: none; "
+        "default: the preset's train.sample_every)",
+    )
+
+
 def add_run_option(p: argparse.ArgumentParser, help: str = "run directory") -> None:
     """``--run RUN``: the run directory a verb reads (stored as ``run_dir``)."""
     p.add_argument("--run", dest="run_dir", metavar="RUN", required=True, help=help)
@@ -141,6 +163,8 @@ CONFIG_OPTIONS = {
     ("train", "batch_size"): "batch_size",
     ("train", "lr"): "lr",
     ("train", "seed"): "seed",
+    ("train", "sample_every"): "sample_every",
+    ("train", "report_to"): "report_to",
     ("first_stage", "path"): "first_stage",
 }
 

@@ -7,6 +7,7 @@ import argparse
 from ..evaluate import evaluate_run
 from ..export.common import format_bytes
 from ..run import RunDir
+from ..watch import TRACKERS
 from .common import add_json_option, add_quiet_option, add_run_option, add_sampling_options, call, emit
 
 NAME = "evaluate"
@@ -25,6 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="sparsediff-fmnist | sparsediff-strokes | inception-v3-compat",
     )
     add_sampling_options(p)
+    p.add_argument(
+        "--report-to",
+        choices=TRACKERS,
+        help="also log FID, the sampling time and the sample grid into the run's TensorBoard / W&B run",
+    )
     add_json_option(p)
     add_quiet_option(p)
 

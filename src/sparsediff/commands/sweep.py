@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..sweep import SWEEP_METHODS, SweepSpec, sweep
+from ..watch import TRACKERS
 from .common import add_config_options, add_quiet_option, call, floats, ints, names
 
 NAME = "sweep"
@@ -29,6 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-samples", type=int, help="generated samples for FID (eval.num_samples)")
     p.add_argument("--first-stage", help="first-stage directory for latent presets (default: trained once)")
     p.add_argument("--fid-weights", help="standard Inception weights file: Inception FID")
+    p.add_argument(
+        "--report-to",
+        choices=TRACKERS,
+        help="every run (and its evaluation) logs to TensorBoard / W&B: one tracker run per grid point, "
+        "grouped by the sweep (train.report_to)",
+    )
     add_quiet_option(p)
 
 

@@ -5,10 +5,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import RunConfig
+from ..config import RunConfig, config_from_dict, deep_update
 from ..run import RunDir
 from ..train import train
-from .common import add_config_options, add_quiet_option, add_sparse_options, call, emit, load_run_config
+from .common import (
+    add_config_options,
+    add_quiet_option,
+    add_sparse_options,
+    add_watch_options,
+    call,
+    emit,
+    load_run_config,
+    overrides,
+)
 
 NAME = "train"
 HELP = "train a denoiser (dense or sparse from the first step)"
@@ -37,12 +46,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--stop-after", type=int, help="stop (with a checkpoint) after this many steps in this call"
     )
+    add_watch_options(p)
     add_quiet_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.resume and args.out and args.preset is None and RunDir(args.out).exists():
-        cfg = RunDir(args.out).load_config()
+        # the run's own config, with what this call changes (what may change on resume is checked later)
+        data = deep_update(RunDir(args.out).load_config().to_dict(), overrides(args))
+        cfg = config_from_dict(data, source=str(RunDir(args.out).config_path))
     elif args.preset is None:
         raise SystemExit("sparsediff train: --preset is required (or --resume --out RUN_DIR)")
     else:

@@ -90,6 +90,9 @@ class SweepSpec:
         first_stage: first-stage directory of latent presets (default: the preset's, else one trained
             once into ``out/first-stage``).
         fid_weights: the standard Inception weights file, for Inception FID.
+        report_to: trackers every run logs to (``train.report_to``: tensorboard, wandb, all), its
+            evaluation too; each run is its own tracker run, named by its grid point and grouped by the
+            sweep directory's name (``train.tracker_name`` / ``train.tracker_group`` unless set).
     """
 
     preset: str
@@ -104,6 +107,7 @@ class SweepSpec:
     eval_samples: int | None = None
     first_stage: str | Path | None = None
     fid_weights: str | None = None
+    report_to: str | None = None
 
     def points(self) -> list[GridPoint]:
         """The grid's points (see :func:`expand_grid`)."""
@@ -137,6 +141,7 @@ class SweepSpec:
             ("--eval-samples", self.eval_samples),
             ("--first-stage", self.first_stage),
             ("--fid-weights", self.fid_weights),
+            ("--report-to", self.report_to),
         )
         for flag, value in options:
             if value is not None:
@@ -263,8 +268,12 @@ def plan_runs(
     steps: int | None = None,
     overrides: Overrides = None,
     first_stage: str | Path | None = None,
+    report_to: str | None = None,
 ) -> list[PlannedRun]:
     """Resolve every point's configuration (preset + ``overrides`` + steps + first stage + the point).
+
+    Each run is named on a dashboard by its point (``rigl-s0.9-p0.05-seed1``) and grouped by the sweep
+    directory's name, unless ``overrides`` name them; ``report_to`` sets ``train.report_to``.
 
     Raises:
         ConfigError: a bad preset or override (naming the key), or an override of a key the grid sets.
@@ -282,9 +291,15 @@ def plan_runs(
         deep_update(base, {"train": {"max_steps": int(steps)}})
     if first_stage is not None:
         deep_update(base, {"first_stage": {"path": str(Path(first_stage).resolve())}})
+    if report_to is not None:
+        deep_update(base, {"train": {"report_to": report_to}})
+    given = base.get("train", {})
     planned = []
     for point in points:
         data = deep_update(overrides_for_method(base, point.method), point.overrides())
+        naming = {"tracker_name": given.get("tracker_name") or point.name}
+        naming["tracker_group"] = given.get("tracker_group") or out.name
+        deep_update(data, {"train": naming})
         cfg = load_config(preset, data)
         planned.append(PlannedRun(point, cfg, out / point.name, out / CONFIGS / f"{point.name}.yaml"))
     return planned

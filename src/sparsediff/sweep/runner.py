@@ -22,6 +22,7 @@ from ..config import load_config
 from ..errors import ConfigError, SparsediffError, TrainingError
 from ..progress import format_seconds, progress_bar
 from ..run import RunDir
+from ..watch import tracker_names
 from .plan import (
     CONFIGS,
     Overrides,
@@ -167,6 +168,12 @@ def _child_env(threads: int, gpu: str | None) -> dict[str, str]:
     return env
 
 
+def _report_to(run: PlannedRun) -> str | None:
+    """The trackers a run's evaluation logs to: its training's (None when it has none)."""
+    value = run.cfg.train.report_to
+    return None if value == "none" else value
+
+
 @dataclass
 class _Runner:
     """Trains and evaluates one planned run, in this process or as subprocesses."""
@@ -189,7 +196,11 @@ class _Runner:
         from ..evaluate import evaluate_run
 
         evaluate_run(
-            run.run_dir, num_samples=self.eval_samples, fid_weights=self.fid_weights, quiet=self.quiet
+            run.run_dir,
+            num_samples=self.eval_samples,
+            fid_weights=self.fid_weights,
+            quiet=self.quiet,
+            report_to=_report_to(run),
         )
 
     # -- as subprocesses
@@ -233,6 +244,8 @@ class _Runner:
                 args += ["--num-samples", str(self.eval_samples)]
             if self.fid_weights:
                 args += ["--fid-weights", str(self.fid_weights)]
+            if _report_to(run):
+                args += ["--report-to", _report_to(run)]
             self._call(args, run.run_dir / "evaluate.log", env or {})
         else:
             self._evaluate_here(run)
@@ -366,10 +379,13 @@ def sweep(spec: SweepSpec | None = None, /, *, quiet: bool = False, **fields: An
     if spec.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {spec.jobs}")
     points = spec.points()
-    plan_runs(spec.preset, points, out, spec.steps, spec.overrides)  # validate before training anything
+    # validate before training anything (a tracker that is not installed included)
+    plan_runs(spec.preset, points, out, spec.steps, spec.overrides, report_to=spec.report_to)
+    if spec.report_to is not None:
+        tracker_names(spec.report_to)
     out.mkdir(parents=True, exist_ok=True)
     fs = resolve_first_stage(spec.preset, spec.overrides, spec.first_stage, out, quiet)
-    runs = plan_runs(spec.preset, points, out, spec.steps, spec.overrides, fs)
+    runs = plan_runs(spec.preset, points, out, spec.steps, spec.overrides, fs, spec.report_to)
     (out / CONFIGS).mkdir(exist_ok=True)
     for run in runs:
         run.config_file.write_text(run.cfg.to_yaml())

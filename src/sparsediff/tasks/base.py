@@ -224,6 +224,11 @@ class Task(abc.ABC):
             paths.append(path)
         return paths
 
+    def preview_images(self, samples: Samples) -> torch.Tensor:
+        """uint8 (N, C, H, W) images of ``samples`` for looking at (sample grids); the samples themselves
+        by default."""
+        return samples.images
+
     def decode_flops(self) -> int:
         """Dense FLOPs of turning one generated sample into data (the first-stage decoder)."""
         return 0

@@ -39,6 +39,7 @@ RASTER_SIZE = INPUT_SIZE  # default data.args.raster_size (32): the feature netw
 RASTER_LINE_WIDTH = STROKE_LINE_WIDTH  # default data.args.raster_line_width, pixels at RASTER_SIZE
 RASTER_PADDING = STROKE_PADDING  # empty margin on each side of a raster, as a fraction of its size
 PREVIEW_SIZE = 128  # side of the PNGs save_samples writes for looking at (the FID images stay small)
+GRID_CELL_SIZE = 64  # side of one drawing in a sample grid
 SVG_SIZE = 256  # viewBox side of the SVGs save_samples writes
 
 
@@ -249,6 +250,15 @@ class StrokeDiffusionTask(Task):
             keep = np.sort(rng.choice(len(ref), size=int(n), replace=False))
             ref = ref[torch.from_numpy(keep)]
         return ref
+
+    def preview_images(self, samples: Samples) -> torch.Tensor:
+        """The drawings rasterised at ``GRID_CELL_SIZE`` with proportionally wider lines (the FID rasters
+        are too small to read in a grid); the rasters themselves for samples made elsewhere."""
+        drawings = samples.extras.get("strokes")
+        if drawings is None:
+            return samples.images
+        width = self.raster_line_width * GRID_CELL_SIZE / self.raster_size
+        return rasterize_drawings(drawings, GRID_CELL_SIZE, width)
 
     def save_samples(self, samples: Samples, out_dir: Path) -> list[Path]:
         """``000000.png`` (a ``PREVIEW_SIZE`` raster, for looking at) and ``000000.svg`` per sample."""

@@ -1,0 +1,331 @@
+"""Watching a run while it trains: sample grids, dashboards (TensorBoard, W&B) and the topology picture.
+
+- **Sample grids** (``train.sample_every``): every that many optimiser steps, and at the run's last step,
+  the EMA weights draw ``train.sample_num`` samples with DDIM over ``train.sample_steps`` steps from the
+  same fixed noise (seed ``train.seed``), written to ``samples/during/step-XXXXXXXX.png``. Fixed noise
+  makes the grids of one run comparable with each other (the same samples sharpen) and the grids of two
+  runs of one config identical. A grid is drawn on the main process only and its time is kept out of the
+  step times (it is recorded in the run summary as ``sample_grid_seconds``).
+- **Trackers** (``train.report_to``: ``none``, ``tensorboard``, ``wandb`` or ``all``): accelerate's own
+  trackers, started with ``accelerator.init_trackers`` and fed with ``accelerator.log``: every record of
+  ``metrics.jsonl`` (as ``train/<key>``), each sample grid (``samples``), the run config as
+  hyperparameters, and at each topology update the fraction of weights ever active
+  (``topology/ever_active``) with a per-layer picture (``topology/layers``). TensorBoard writes to
+  ``RUN/tensorboard/``, W&B to ``RUN/wandb/`` (``WANDB_MODE=offline`` works without a network; ``wandb
+  sync`` uploads later). Both come with ``pip install 'sparsediff[tracking]'``.
+- A run is named on a dashboard by ``train.tracker_name`` (default: its directory's name) and grouped by
+  ``train.tracker_group`` (a sweep sets its own directory's name); a resumed run, and ``sparsediff
+  evaluate --report-to``, log into the same tracker run (the W&B run id is kept in ``RUN/tracking.json``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import RunConfig, flatten
+from .errors import ConfigError
+from .run import RunDir
+
+TRACKERS = ("none", "tensorboard", "wandb", "all")
+EXTRA = "pip install 'sparsediff[tracking]'"
+_MODULE_OF = {"tensorboard": "tensorboard", "wandb": "wandb"}  # the package each tracker imports
+
+
+# ---------------------------------------------------------------------------- which trackers
+
+
+def tracker_names(report_to: str | None) -> list[str]:
+    """The trackers ``report_to`` asks for (``none`` -> ``[]``, ``all`` -> both), each installed.
+
+    Raises:
+        ConfigError: an unknown name, or a tracker whose package is missing (naming the extra to install).
+    """
+    value = (report_to or "none").strip().lower()
+    if value not in TRACKERS:
+        raise ConfigError(f"train.report_to must be one of {', '.join(TRACKERS)}, got {report_to!r}")
+    names = {"none": [], "all": ["tensorboard", "wandb"]}.get(value, [value])
+    for name in names:
+        if importlib.util.find_spec(_MODULE_OF[name]) is None:
+            raise ConfigError(
+                f"--report-to {value} needs the {_MODULE_OF[name]!r} package, which is not installed: {EXTRA}"
+            )
+    return names
+
+
+def check_watch_settings(cfg: RunConfig) -> list[str]:
+    """The trackers of ``cfg`` (see :func:`tracker_names`), after checking the sample-grid fields."""
+    t = cfg.train
+    if t.sample_every < 0:
+        raise ConfigError(f"train.sample_every must be >= 0 (0: no grids), got {t.sample_every}")
+    if t.sample_num < 1:
+        raise ConfigError(f"train.sample_num must be >= 1, got {t.sample_num}")
+    if not 1 <= t.sample_steps <= cfg.diffusion.timesteps:
+        raise ConfigError(
+            f"train.sample_steps must be in [1, {cfg.diffusion.timesteps}], got {t.sample_steps}"
+        )
+    return tracker_names(t.report_to)
+
+
+def tracking_ids(run: RunDir) -> dict[str, str]:
+    """The tracker run ids this run directory keeps (``RUN/tracking.json``; empty before the first start)."""
+    try:
+        data = json.loads(run.tracking_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def make_trackers(
+    names: list[str], cfg: RunConfig, run: RunDir, job: str = "train", quiet: bool = False
+) -> list[Any]:
+    """accelerate tracker objects for ``names``, writing into ``run`` (pass them as ``log_with``);
+    ``quiet`` silences W&B's own printing.
+
+    A W&B run id is made the first time and written by :func:`keep_tracking_ids` once the run has
+    started, so that a resumed run and its evaluation log into the same W&B run.
+    """
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    t = cfg.train
+    out: list[Any] = []
+    if "tensorboard" in names:
+        out.append(TensorBoardTracker(run_name=RunDir.TENSORBOARD, logging_dir=str(run.path)))
+    if "wandb" in names:
+        ids = tracking_ids(run)
+        out.append(
+            WandBTracker(
+                run_name=t.tracker_project,
+                name=t.tracker_name or run.path.name,
+                group=t.tracker_group,
+                id=ids.get("wandb_id") or uuid.uuid4().hex[:12],  # W&B ids: letters and digits
+                resume="allow",
+                dir=str(run.path),
+                job_type=job,
+                settings={"silent": quiet, "console": "off"},  # the run's output stays the run's
+            )
+        )
+    return out
+
+
+def keep_tracking_ids(run: RunDir, trackers: list[Any]) -> None:
+    """Write the W&B run id of ``trackers`` into ``RUN/tracking.json`` (main process, after the start)."""
+    ids = tracking_ids(run)
+    for tracker in trackers:
+        if tracker.name == "wandb":
+            ids["wandb_id"] = tracker.init_kwargs["id"]
+    if ids:
+        run.tracking_path.write_text(json.dumps(ids, indent=2))
+
+
+def hyperparameters(cfg: RunConfig) -> dict[str, Any]:
+    """The config as flat scalar hyperparameters (``train.lr``: 0.001; lists and mappings as JSON text)."""
+    out: dict[str, Any] = {}
+    for key, value in flatten(cfg.to_dict()).items():
+        if value is None:
+            out[key] = "none"
+        elif isinstance(value, (bool, int, float, str)):
+            out[key] = value
+        else:
+            out[key] = json.dumps(value, sort_keys=True)
+    return out
+
+
+def start_trackers(accelerator: Any, cfg: RunConfig, run: RunDir) -> None:
+    """``accelerator.init_trackers`` with the run config as hyperparameters (no-op without trackers)."""
+    if accelerator.log_with:
+        accelerator.init_trackers(cfg.train.tracker_project, config=hyperparameters(cfg))
+        if accelerator.is_main_process:
+            keep_tracking_ids(run, accelerator.trackers)
+
+
+def finish_trackers(accelerator: Any) -> None:
+    """Close the started trackers (what ``accelerator.end_training`` does, without ending the process
+    group: ``train()`` is a library call, the caller's distributed job may go on)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers.clear()
+
+
+def log_image(accelerator: Any, key: str, image: np.ndarray, step: int) -> None:
+    """Log one uint8 image (H, W, 3) to every started tracker, through accelerate's ``log_images``."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({key: image[None]}, step=step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({key: [image]}, step=step)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A PNG as uint8 (H, W, 3)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def log_evaluation(
+    run: RunDir, cfg: RunConfig, result: Mapping[str, Any], report_to: str, quiet: bool
+) -> None:
+    """Log an evaluation (``sparsediff evaluate --report-to``) into the run's tracker runs, at its last
+    training step: FID, the measured sampling time, non-zeros and FLOPs per sample, and the sample grid."""
+    from accelerate import Accelerator
+
+    names = tracker_names(report_to)
+    if not names:
+        return
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), log_with=make_trackers(names, cfg, run, "evaluate", quiet)
+    )
+    accelerator.init_trackers(cfg.train.tracker_project)
+    keep_tracking_ids(run, accelerator.trackers)
+    step = int(result.get("train_steps") or 0)
+    fid = result["fid"]
+    keys = ("generate_seconds", "sample_seconds", "params_nonzero", "density", "flops_per_sample_sparse")
+    values = {f"eval/{fid['metric']}": float(fid["value"])}
+    values.update({f"eval/{k}": result[k] for k in keys if isinstance(result.get(k), (int, float))})
+    accelerator.log(values, step=step)
+    if result.get("grid"):
+        log_image(accelerator, "eval/samples", read_image(Path(result["grid"])), step)
+    finish_trackers(accelerator)
+
+
+# ---------------------------------------------------------------------------- sample grids
+
+
+def grid_path(run: RunDir, step: int) -> Path:
+    return run.during_dir / f"step-{step:08d}.png"
+
+
+def grid_due(cfg: RunConfig, step: int, total: int) -> bool:
+    """Whether step ``step`` (of ``total``) draws a grid: every ``sample_every`` steps and at the end."""
+    every = cfg.train.sample_every
+    return every > 0 and (step % every == 0 or step == total)
+
+
+@contextlib.contextmanager
+def ema_weights(model: torch.nn.Module, ema: Any) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode with the EMA's weights inside the block, its own weights and mode after.
+
+    The weights are copied in place (``copy_`` under ``no_grad``), so that every cache keyed on a
+    tensor's version (a compact layer's dense copy) sees the change.
+    """
+    params = list(model.parameters())
+    if len(params) != len(ema.shadow_params):
+        raise RuntimeError("the EMA does not line up with the model's parameters")
+    was_training = model.training
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        for p, s in zip(params, ema.shadow_params):
+            p.copy_(s.to(device=p.device, dtype=p.dtype))
+    model.eval()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        model.train(was_training)
+
+
+def draw_grid(task: Any, model: torch.nn.Module, cfg: RunConfig, device: torch.device, path: Path) -> Path:
+    """The fixed-seed grid of ``model`` (see the module docstring) written to ``path``."""
+    from .sample import save_grid
+
+    t = cfg.train
+    samples = task.generate(
+        model,
+        t.sample_num,
+        torch.Generator().manual_seed(t.seed),
+        sampler="ddim",
+        steps=t.sample_steps,
+        eta=cfg.sample.eta,
+        batch_size=t.sample_num,
+        device=device,
+        progress=False,
+    )
+    return save_grid(task.preview_images(samples), path)
+
+
+# ---------------------------------------------------------------------------- the topology picture
+
+
+def topology_layers(report: Any) -> list[dict[str, Any]]:
+    """Per layer ``{"name", "numel", "density", "ever_active"}`` (fractions) from an engine report."""
+    return [
+        {
+            "name": layer.name,
+            "numel": layer.numel,
+            "density": layer.density,
+            "ever_active": None if layer.ever_active is None else layer.ever_active / max(layer.numel, 1),
+        }
+        for layer in report.layers
+    ]
+
+
+class Watch:
+    """What the training loop calls to be watched (see the module docstring); inert when nothing is on."""
+
+    def __init__(self, tr: Any):
+        self.tr = tr
+        self.grid_seconds = 0.0
+        self.grids = 0
+        self.updates_seen = tr.engine.num_updates
+
+    @property
+    def tracking(self) -> bool:
+        return bool(self.tr.accelerator.trackers)
+
+    def log_record(self, record: Mapping[str, Any]) -> None:
+        """A ``metrics.jsonl`` record to the trackers, as ``train/<key>`` scalars."""
+        if not self.tracking:
+            return
+        values = {
+            f"train/{k}": v
+            for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        self.tr.accelerator.log(values, step=int(record["step"]))
+
+    def after_step(self, step: int) -> None:
+        """The topology picture after an update, the sample grid when one is due (main process draws)."""
+        tr = self.tr
+        if tr.engine.num_updates != self.updates_seen:
+            self.updates_seen = tr.engine.num_updates
+            if self.tracking and tr.is_main:
+                self._log_topology(step)
+        if grid_due(tr.cfg, step, tr.steps):
+            if tr.is_main:
+                t0 = time.perf_counter()
+                with ema_weights(tr.raw_model, tr.ema) as model:
+                    path = draw_grid(tr.task, model, tr.cfg, tr.accelerator.device, grid_path(tr.run, step))
+                self.grid_seconds += time.perf_counter() - t0
+                self.grids += 1
+                if self.tracking:
+                    log_image(tr.accelerator, "samples", read_image(path), step)
+            tr.accelerator.wait_for_everyone()
+
+    def _log_topology(self, step: int) -> None:
+        from .report.plots import plot_topology
+
+        report = self.tr.engine.report()
+        if report.ever_active_fraction is None:
+            return
+        self.tr.accelerator.log({"topology/ever_active": report.ever_active_fraction}, step=step)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "topology.png"
+            plot_topology(topology_layers(report), None, f"{self.tr.run.path.name}, step {step}", path)
+            log_image(self.tr.accelerator, "topology/layers", read_image(path), step)
+
+    def finish(self) -> None:
+        finish_trackers(self.tr.accelerator)
