@@ -6,7 +6,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from sparsediff.config import load_config
 from sparsediff.demo import engine_demo, write_report
+from sparsediff.run import RunDir
 
 
 def _eval(tmp_path: Path, name: str, fid: float, nonzero: int, metric: str, sampler: str) -> dict:
@@ -63,6 +65,14 @@ def test_report_has_a_table_and_grids_per_family(tmp_path):
     ldm[1][4]["sampling_time"] = {"dense": 3.0, "sparse": 1.2, "speedup": 2.5}
     ldm[1][4]["train_seconds"] = 30.5
     ae = {"latent_shape": [4, 8, 8], "val_mse": 0.0163, "val_psnr_db": 23.9}
+    # the sparsest run drew grids while it trained
+    during = RunDir(out / "rigl-50-sparse")
+    during.write_config(load_config("ldm-fmnist"))
+    during.write_summary({"sample_grid_seconds": 1.5, "train_seconds": 30.5})
+    for step in (500, 1000):
+        Image.new("L", (8, 8)).save(
+            during.during_dir.mkdir(parents=True, exist_ok=True) or during.during_dir / f"step-{step:08d}.png"
+        )
     path = write_report(out, [("ldm", ldm), ("chirodiff", chiro)], ae, seconds=600.0)
     text = path.read_text()
     assert "## Latent diffusion on Fashion-MNIST" in text and "## ChiroDiff on KanjiVG" in text
@@ -73,6 +83,12 @@ def test_report_has_a_table_and_grids_per_family(tmp_path):
     assert "fid_sparsediff_strokes" in text and "DDPM" in text and "10.0 minutes" in text
     for name in ("dense.png", "rigl-50-sparse.png", "kanjivg-dense.png", "kanjivg-rigl-50.png"):
         assert (out / "grids" / name).is_file() and f"grids/{name}" in text
+    assert "### While it trained: rigl 50%" in text and "(DDIM, 25 steps)" in text
+    assert "| step 500 | step 1000 |" in text and "4.9% of the 30 s of training" in text
+    for step in (500, 1000):
+        name = f"during-rigl-50-sparse-{step}.png"
+        assert (out / "grids" / name).is_file() and f"![step {step}](grids/{name})" in text
+    assert text.count("### While it trained") == 1  # the stroke runs drew none here
 
 
 def test_engine_demo_trains_dense_and_rigl():

@@ -224,6 +224,43 @@ def _grids(out: Path, rows: list, prefix: str) -> list[str]:
     return lines
 
 
+def _during(out: Path, rows: list, prefix: str) -> list[str]:
+    """The grids the sparsest run of a section drew while it trained (``train.sample_every``), in a row,
+    with what drawing them cost against its training time."""
+    row = max(rows, key=lambda r: r[1])  # the sparsest run: the one whose progress is most in question
+    method, sparsity, _backend, run_dir, _r = row
+    run = RunDir(run_dir)
+    paths = sorted(run.during_dir.glob("step-*.png"))
+    if not paths:
+        return []
+    grids = out / "grids"
+    grids.mkdir(exist_ok=True)
+    steps = [int(p.stem.split("-")[1]) for p in paths]
+    names = [f"{prefix}during-{run_dir.name}-{step}.png" for step in steps]
+    for path, name in zip(paths, names):
+        shutil.copyfile(path, grids / name)
+    summary = run.read_summary() or {}
+    steps_text = f" (DDIM, {run.load_config().train.sample_steps} steps)" if run.exists() else ""
+    cost = ""
+    if summary.get("sample_grid_seconds") and summary.get("train_seconds"):
+        cost = (
+            f" Drawing the {len(paths)} grids took {summary['sample_grid_seconds']:.1f} s, "
+            f"{summary['sample_grid_seconds'] / summary['train_seconds']:.1%} of the "
+            f"{summary['train_seconds']:.0f} s of training."
+        )
+    return [
+        f"### While it trained: {method} {sparsity:.0%}",
+        "",
+        "`train.sample_every` drew these grids from the EMA weights while the run trained, from the same "
+        f"fixed noise each time{steps_text}, into `{run.during_dir}`.{cost}",
+        "",
+        "| " + " | ".join(f"step {s}" for s in steps) + " |",
+        "|" + "---|" * len(steps),
+        "| " + " | ".join(f"![step {s}](grids/{n})" for s, n in zip(steps, names)) + " |",
+        "",
+    ]
+
+
 def write_report(out: Path, sections: list, ae: dict[str, Any], seconds: float) -> Path:
     """``out/report.md`` from ``sections``: a list of ``(family, rows)``, rows ``(method, sparsity, backend,
     dir, eval)``."""
@@ -265,6 +302,7 @@ def write_report(out: Path, sections: list, ae: dict[str, Any], seconds: float) 
         lines += _table(rows, metric)
         lines += ["", "### Samples", ""]
         lines += _grids(out, rows, prefix)
+        lines += _during(out, rows, prefix)
     lines += [
         "## Reproduce",
         "",

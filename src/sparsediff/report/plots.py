@@ -1,4 +1,5 @@
-"""The report's PNG plots: FID against sparsity, FID against training FLOPs, sample grids side by side.
+"""The report's PNG plots: FID against sparsity, FID against training FLOPs, sample grids side by side,
+and one run's topology (per-layer density and fraction of weights ever active).
 
 Figures are drawn with matplotlib's Agg backend directly, without touching pyplot's global state.
 """
@@ -13,7 +14,7 @@ from ..run import RunDir
 from ..sparse.methods import is_dense
 from .records import Group, mean_std, unique
 
-__all__ = ["plot_fid_vs_sparsity", "plot_fid_vs_train_flops", "plot_sample_grids"]
+__all__ = ["plot_fid_vs_sparsity", "plot_fid_vs_train_flops", "plot_sample_grids", "plot_topology"]
 
 GRID_PNG = "grid.png"  # the sample grid `sparsediff evaluate` writes into the run's evaluation folder
 
@@ -156,6 +157,53 @@ def plot_sample_grids(groups: Sequence[Group], path: Path) -> Path | None:
                 img = im.convert("RGB")
             ax.imshow(img)
     fig.suptitle(f"{groups[0].preset}: samples (eval/grid.png, lowest seed)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def plot_topology(
+    layers: Sequence[dict[str, Any]],
+    history: Sequence[tuple[int, float, float]] | None,
+    title: str,
+    path: Path,
+) -> Path:
+    """One run's topology: per layer, its density and the fraction of its weights ever active (bars, one
+    row per layer); with ``history`` (``(step, density, fraction ever active)`` of the sparsified weights),
+    also both over the steps of the run: the gap is what the moving topology explored beyond its budget.
+
+    ``layers``: ``{"name", "density", "ever_active"}`` per layer (fractions, as the run summary holds).
+    """
+    import numpy as np
+
+    n = len(layers)
+    panels = 2 if history else 1
+    fig = _figure(4.2 * panels + 1.2, max(2.4, 0.16 * n + 1.0))
+    ax = fig.add_subplot(1, panels, 1)
+    y = np.arange(n)
+    ever = [x["ever_active"] if x.get("ever_active") is not None else x["density"] for x in layers]
+    ax.barh(y, ever, color="#9ecae1", label="ever active")
+    ax.barh(y, [x["density"] for x in layers], color="#08519c", height=0.5, label="active (density)")
+    ax.set_yticks(y)
+    ax.set_yticklabels([x["name"] for x in layers], fontsize=5 if n > 30 else 7)
+    ax.invert_yaxis()  # model order, top to bottom
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("fraction of the layer's weights")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("per layer", fontsize=9)
+    if history:
+        ax2 = fig.add_subplot(1, panels, 2)
+        steps = [h[0] for h in history]
+        ax2.plot(steps, [h[2] for h in history], color="#9ecae1", marker=".", label="ever active")
+        ax2.plot(steps, [h[1] for h in history], color="#08519c", linestyle="--", label="active (density)")
+        ax2.set_ylim(0, max(0.05, min(1.0, max(h[2] for h in history) * 1.15)))
+        ax2.set_xlabel("optimiser step")
+        ax2.set_ylabel("fraction of the sparsified weights")
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=7)
+        ax2.set_title("all sparsified weights", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     return path

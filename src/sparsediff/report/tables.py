@@ -18,7 +18,7 @@ from ..export.common import format_bytes
 from ..run import RunDir
 from ..sparse.methods import is_dense
 from ..sweep.plan import GRID_KEYS
-from .plots import plot_fid_vs_sparsity, plot_fid_vs_train_flops, plot_sample_grids
+from .plots import plot_fid_vs_sparsity, plot_fid_vs_train_flops, plot_sample_grids, plot_topology
 from .records import Group, RunRecord, find_runs, group_runs, load_run, mean_std, ratio, unique
 
 __all__ = ["report", "write_csv"]
@@ -261,6 +261,9 @@ def _preset_section(
     if grid is not None:
         plots.append(grid)
         lines += [f"![samples]({grid.name})", ""]
+    topo_lines, topo_plots = _topology_section(recs, out, suffix)
+    lines += topo_lines
+    plots += topo_plots
     mixes = _config_mixes(recs)
     if mixes:
         lines += [
@@ -275,6 +278,49 @@ def _preset_section(
                 f"**Warning**: {g.series} at sparsity {g.sparsity:g} has seed {seed} twice ({dirs}).",
                 "",
             ]
+    return lines, plots
+
+
+def topology_history(r: RunRecord) -> list[tuple[int, float, float]]:
+    """``(step, density, fraction ever active)`` of a run's metrics records that have them."""
+    return [
+        (int(m["step"]), float(m["density"]), float(m["ever_active"]))
+        for m in r.metrics
+        if isinstance(m.get("ever_active"), (int, float)) and isinstance(m.get("density"), (int, float))
+    ]
+
+
+def _topology_section(recs: Sequence[RunRecord], out: Path, suffix: str) -> tuple[list[str], list[Path]]:
+    """One topology plot per finished sparse run that recorded its topology (per-layer density and the
+    fraction of weights ever active), with the final fraction in the text."""
+    lines: list[str] = []
+    plots: list[Path] = []
+    for r in sorted(recs, key=lambda x: x.path.name):
+        topo = (r.summary or {}).get("topology")
+        if not r.finished or not isinstance(topo, dict) or not topo.get("layers"):
+            continue
+        path = out / f"topology{suffix}-{r.path.name}.png"
+        title = f"{r.path.name}: {len(topo['layers'])} sparsified layers"
+        plots.append(plot_topology(topo["layers"], topology_history(r) or None, title, path))
+        density = (r.summary or {}).get("target_density")
+        said = f" at density {density:.3f}" if isinstance(density, (int, float)) else ""
+        lines += [
+            f"**{r.path.name}**: {topo['ever_active']:.1%} of the sparsified weights were active at some "
+            f"step{said}.",
+            "",
+            f"![topology of {r.path.name}]({path.name})",
+            "",
+        ]
+    if lines:
+        lines = [
+            "### Topology",
+            "",
+            "Per layer: the density (dark) and the fraction of its weights active at any step of the run "
+            "(light: what a moving topology explored, RigL's in-time over-parameterisation); right: both "
+            "for all sparsified weights over the run.",
+            "",
+            *lines,
+        ]
     return lines, plots
 
 
