@@ -262,6 +262,7 @@ def _engine_run(backend: str, steps: int, method: str = "rigl", resume_from=None
 
 
 def test_engines_track_the_weights_ever_active_exactly():
+    from sparsediff.sparse.codec import pack_bits
     from sparsediff.sparse.io import engine_state_from_tensors, engine_state_to_tensors
 
     masked, _, _, history = _engine_run("dense", 24)
@@ -286,12 +287,18 @@ def test_engines_track_the_weights_ever_active_exactly():
         assert [x.ever_active for x in resumed.report().layers] == [
             x.ever_active for x in engine.report().layers
         ]
-    # a state saved before the bits were kept starts again from its masks
-    state = masked.state_dict()
-    state.pop("ever_active")
-    fresh, _, _, _ = _engine_run("dense", 0)
-    fresh.load_state_dict(state)
-    assert [x.ever_active for x in fresh.report().layers] == [x.active for x in fresh.report().layers]
+    # a state saved before the bits were kept starts again from its (restored) masks
+    for backend, engine in (("dense", masked), ("sparse", compact)):
+        state = engine.state_dict()
+        state.pop("ever_active")
+        fresh, _, _, _ = _engine_run(backend, 0)
+        before = {n: m.clone() for n, m in fresh.masks.items()}
+        fresh.load_state_dict(state)
+        assert any(not torch.equal(before[n], m) for n, m in fresh.masks.items())  # the masks moved
+        layers = fresh.report().layers
+        assert [x.ever_active for x in layers] == [x.active for x in layers], backend
+        bits = fresh.state_dict()["ever_active"]  # exactly the restored masks' positions
+        assert all(torch.equal(bits[n], pack_bits(m)) for n, m in fresh.masks.items()), backend
 
 
 def test_static_masks_are_their_own_ever_active_and_dense_says_nothing():

@@ -202,6 +202,10 @@ class CompactEngine(SparseEngine):
             self._bool_cache = {n: t.weight.mask(t.host) for n, t in self.targets.items()}
         return self._bool_cache
 
+    def _layer_mask(self, name: str) -> torch.Tensor:
+        target = self.targets[name]  # from the layout, one layer at a time
+        return target.weight.mask(target.host)
+
     def dense_view(self, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
         target = self.targets[name]
         values = target.values if tensor is None else tensor
@@ -378,8 +382,8 @@ class CompactEngine(SparseEngine):
             saved = masks[name].to(current[name].device).bool().reshape(-1)
             if not torch.equal(saved, current[name].reshape(-1)):
                 self._move(name, saved)
+        self._bool_cache = None  # built from the layouts before the moves
         self._restore_ever_active(state)
-        self._bool_cache = None  # not kept: the dense masks of every layer at once cost a byte per weight
         modes = state.get("kernel_modes") or {}
         for name, target in self.targets.items():
             if modes.get(name) in ("sparse", "dense"):

@@ -416,9 +416,14 @@ class SparseEngine(Engine):
         return {"ever_active": self._ever.state()} if self._ever is not None else {}
 
     def _restore_ever_active(self, state: Mapping[str, Any]) -> None:
-        """The saved positions ever active (a state without them starts again from its masks)."""
+        """The saved positions ever active (a state without them starts again from its restored masks);
+        call it once the masks are restored."""
         if self._ever is not None:
-            self._ever.load(state.get("ever_active") or {}, self.masks)
+            self._ever.load(state.get("ever_active") or {}, self._layer_mask)
+
+    def _layer_mask(self, name: str) -> torch.Tensor:
+        """The current mask of layer ``name`` (bool or 0/1, the weight's shape)."""
+        return self._masks[name]
 
     def _saved_shapes(self, state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         return {n: tuple(m.shape) for n, m in state.get("masks", {}).items()}

@@ -12,7 +12,7 @@ state and restore them on resume, so a resumed run reports exactly what a straig
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -24,7 +24,7 @@ _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.in
 
 def count_bits(bits: torch.Tensor) -> int:
     """Set bits of a packed uint8 tensor."""
-    histogram = torch.bincount(bits.reshape(-1).to(torch.int64), minlength=256)  # (256,), no big temporary
+    histogram = torch.bincount(bits.reshape(-1), minlength=256)  # (256,): no temporary of the bits' size
     return int((histogram * _POPCOUNT).sum())
 
 
@@ -54,16 +54,17 @@ class EverActive:
         """Layer name -> packed bits (copies), as :meth:`load` takes them."""
         return {n: b.clone() for n, b in self._bits.items()}
 
-    def load(self, bits: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+    def load(self, bits: Mapping[str, torch.Tensor], mask_of: Callable[[str], torch.Tensor]) -> None:
         """Restore saved bits; a layer the state has no bits for (a state saved before they were kept)
-        starts again from its current mask in ``masks``. Bits of the wrong size are refused."""
+        starts again from its current mask, ``mask_of(name)`` (asked for one layer at a time). Bits of
+        the wrong size are refused."""
         from ..errors import StateError
 
         self._bits = {}
         for name, numel in self._numel.items():
             saved = bits.get(name)
             if saved is None:
-                self.record(name, masks[name])
+                self.record(name, mask_of(name))
                 continue
             saved = saved.detach().to(device="cpu", dtype=torch.uint8).reshape(-1)
             if saved.numel() != (numel + 7) // 8:
@@ -72,4 +73,4 @@ class EverActive:
                     f"the layer needs {(numel + 7) // 8}"
                 )
             self._bits[name] = saved.clone()
-            self.record(name, masks[name])  # the current mask is active now, whatever was saved
+            self.record(name, mask_of(name))  # the current mask is active now, whatever was saved
