@@ -92,7 +92,8 @@ def test_watch_settings_are_checked_before_anything_is_written(first_stage, tmp_
         ({"sample_every": -1}, "train.sample_every must be >= 0"),
         ({"sample_num": 0}, "train.sample_num must be >= 1"),
         ({"sample_steps": 0}, r"train.sample_steps must be in \[1, 1000\]"),
-        ({"report_to": "mlflow"}, "train.report_to must be one of none, tensorboard, wandb, all"),
+        ({"report_to": "mlflow"}, r"train.report_to \(--report-to\) must be one of none, tensorboard, wandb"),
+        ({"report_to": "TensorBoard"}, r"train.report_to \(--report-to\) must be one of"),
     ):
         with pytest.raises(ConfigError, match=message):
             train(watched(first_stage, **fields), tmp_path / "run", quiet=True)
@@ -170,7 +171,9 @@ def test_wandb_offline_run_holds_the_history_and_evaluation(first_stage, tmp_pat
     assert len(list((run / "wandb").glob(f"offline-run-*-{wandb_id}"))) == 2  # the same W&B run
     ev = json.loads((run / "eval.json").read_text())
     (row,) = [r for r in wandb_history(run) if f"eval/{ev['fid']['metric']}" in r]
-    assert row["_step"] == 10 and row[f"eval/{ev['fid']['metric']}"] == pytest.approx(ev["fid"]["value"])
+    # on its own x-axis (W&B's step only increases): the training step the evaluation was made at
+    assert row["eval/train_step"] == 10
+    assert row[f"eval/{ev['fid']['metric']}"] == pytest.approx(ev["fid"]["value"])
 
 
 def test_a_tracker_that_is_not_installed_is_a_clear_error(first_stage, tmp_path, monkeypatch, capsys):
@@ -194,12 +197,37 @@ def test_a_tracker_that_is_not_installed_is_a_clear_error(first_stage, tmp_path,
     assert not (tmp_path / "cli").exists()
 
 
+def test_a_tracker_that_cannot_start_leaves_the_run_as_it_was(first_stage, tmp_path, monkeypatch):
+    from accelerate.tracking import TensorBoardTracker
+
+    def refuse(self):
+        raise RuntimeError("no dashboard today")
+
+    monkeypatch.setattr(TensorBoardTracker, "start", refuse)
+    with pytest.raises(RuntimeError, match="no dashboard today"):
+        train(watched(first_stage, report_to="tensorboard"), tmp_path / "new", quiet=True)
+    assert not (tmp_path / "new").exists()  # a start that fails leaves nothing behind
+    cfg = watched(first_stage, max_steps=4)
+    train(cfg, tmp_path / "old", quiet=True)
+    saved = RunDir(tmp_path / "old").config_path.read_text()
+    longer = watched(first_stage, max_steps=6, report_to="tensorboard")
+    with pytest.raises(RuntimeError, match="no dashboard today"):
+        train(longer, tmp_path / "old", resume=True, quiet=True)
+    assert RunDir(tmp_path / "old").config_path.read_text() == saved  # the resumed run's config is kept
+
+
 def test_sweep_runs_are_named_by_their_point_and_grouped_by_the_sweep(first_stage, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from sparsediff.sweep import sweep
 
     out = tmp_path / "grid"
+    grid = {"methods": ["dense", "rigl"], "sparsities": [0.5], "prune_ratios": [0.3], "seeds": [0]}
+    with pytest.raises(ConfigError, match=r"train.sample_steps must be in \[1, 1000\]"):
+        sweep(
+            preset=TINY, out=out, steps=4, first_stage=first_stage, overrides=["train.sample_steps=0"], **grid
+        )
+    assert not out.exists()  # refused before anything was made
     result = sweep(
         preset=TINY,
         methods=["dense", "rigl"],

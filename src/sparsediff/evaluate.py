@@ -98,7 +98,7 @@ def evaluate_run(
 
     out_dir = run.eval_dir
     out_dir.mkdir(exist_ok=True)
-    grid = save_grid(task.preview_images(samples)[:64], out_dir / "grid.png")
+    grid = save_grid(task.preview_images(samples, 64), out_dir / "grid.png")
     result = {
         "run": str(run_dir),
         "preset": cfg.name,

@@ -376,6 +376,31 @@ class RunDir:
         _write_atomic(self.eval_path, json.dumps(dict(result), indent=2))
         return self.eval_path
 
+    # ------------------------------------------------------------------ trackers
+
+    def read_tracking_ids(self) -> dict[str, str]:
+        """The tracker run ids the run keeps (``tracking.json``; empty before trackers first started).
+        An unreadable file is said once (a new W&B run would start) and read as empty."""
+        if not self.tracking_path.exists():
+            return {}
+        data = _read_json(self.tracking_path)
+        if data is None:
+            import warnings
+
+            warnings.warn(
+                f"{self.tracking_path} cannot be read: the trackers start new runs instead of resuming theirs",
+                UserWarning,
+                stacklevel=2,
+            )
+            return {}
+        return {str(k): str(v) for k, v in data.items()}
+
+    def write_tracking_ids(self, ids: Mapping[str, str]) -> Path:
+        """Write ``tracking.json`` atomically."""
+        self._path.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.tracking_path, json.dumps(dict(ids), indent=2))
+        return self.tracking_path
+
     # ------------------------------------------------------------------ checkpoints
 
     def latest_checkpoint(self) -> Path:

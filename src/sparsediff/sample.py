@@ -145,7 +145,7 @@ def sample_run(
     )
     out = Path(out) if out else RunDir(run_dir).samples_dir / f"{info['sampler']}-{info['steps']}-seed{seed}"
     paths = task.save_samples(samples, out)
-    grid = save_grid(task.preview_images(samples)[: min(num, 64)], out / "grid.png")
+    grid = save_grid(task.preview_images(samples, 64), out / "grid.png")
     info.update({"out": str(out), "grid": str(grid), "files": len(paths)})
     (out / "sample.json").write_text(json.dumps(info, indent=2))
     return info

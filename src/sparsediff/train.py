@@ -52,7 +52,7 @@ from .run import RunDir, RunSummary, load_init_weights
 from .sparse import Engine, count_flops, derive_seed, sparsify, training_flops_per_step, training_flops_total
 from .sparse.io import engine_state_from_tensors, engine_state_to_tensors
 from .tasks import Task, TrainData, make_task
-from .watch import Watch, check_watch_settings, make_trackers, start_trackers
+from .watch import Watch, check_watch_settings, finish_trackers, make_trackers, start_trackers
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -141,11 +141,14 @@ def start_run(
     created = not run.path.exists()
     try:
         trainer = _build(cfg, run, accelerator, quiet, init_weights)
+        # before the config: a tracker that cannot start (W&B not logged in) leaves a resumed run's as it was
+        start_trackers(accelerator, cfg, run)
         if accelerator.is_main_process:
             run.write_config(cfg)
             run.checkpoints.clean_temporary()
-        start_trackers(accelerator, cfg, run)  # a tracker that cannot start (W&B not logged in) stops here
     except BaseException:
+        with contextlib.suppress(Exception):
+            finish_trackers(accelerator)  # before their directories go
         if accelerator.is_main_process and created:
             shutil.rmtree(run.path, ignore_errors=True)  # e.g. a latent cache written into it
         raise
@@ -220,13 +223,13 @@ def _build(
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def resume_from_checkpoint(tr: Trainer, quiet: bool) -> tuple[int, float]:
-    """Load the run's latest checkpoint into ``tr``; ``(step, training seconds so far)``."""
+def resume_from_checkpoint(tr: Trainer, quiet: bool) -> tuple[int, float, dict[str, Any]]:
+    """Load the run's latest checkpoint into ``tr``; ``(step, training seconds so far, trainer state)``."""
     ckpt = tr.run.checkpoints.latest()
     if ckpt is None:
         if not quiet and tr.is_main:
             print(f"no checkpoint in {tr.run.path}; starting from step 0")
-        return 0, 0.0
+        return 0, 0.0, {}
     state = read_trainer_state(ckpt)
     load_model_weights(tr.raw_model, ckpt / MODEL_FILE)
     opt_tensors, opt_meta = load_tensors(ckpt / OPTIMIZER_FILE)
@@ -241,11 +244,14 @@ def resume_from_checkpoint(tr: Trainer, quiet: bool) -> tuple[int, float]:
     start = int(state["step"])
     if not quiet and tr.is_main:
         print(f"resumed {tr.run.path} from {ckpt.name} (step {start} of {tr.steps})")
-    return start, float(state.get("train_seconds", 0.0))
+    return start, float(state.get("train_seconds", 0.0)), state
 
 
-def save_checkpoint(tr: Trainer, step: int, train_seconds: float) -> Path | None:
-    """Write checkpoint ``step`` (main process; every process waits for it); its path on the main one."""
+def save_checkpoint(
+    tr: Trainer, step: int, train_seconds: float, watched: Mapping[str, Any] | None = None
+) -> Path | None:
+    """Write checkpoint ``step`` (main process; every process waits for it); its path on the main one.
+    ``watched``: what the run's watching has done so far (grids drawn), kept with the trainer state."""
     tr.accelerator.wait_for_everyone()
     if not tr.is_main:
         return None
@@ -261,6 +267,7 @@ def save_checkpoint(tr: Trainer, step: int, train_seconds: float) -> Path | None
         "scheduler": tr.scheduler.state_dict(),
         "total_steps": tr.steps,
         "train_seconds": train_seconds,
+        **dict(watched or {}),
     }
     return tr.run.checkpoints.save(step, files, trainer_state)
 
@@ -400,17 +407,23 @@ def train(
         log_with=make_trackers(trackers, cfg, run, quiet=quiet) or None,
     )
     tr = start_run(cfg, run, accelerator, resume, quiet, init_weights)
-    start, seconds_before = resume_from_checkpoint(tr, quiet) if resume else (0, 0.0)
-    flops = count_flops(tr.raw_model, tr.task.example_inputs(tr.raw_model), tr.engine)
+    log = None
+    try:  # from here on the trackers are open: closed whatever happens
+        start, seconds_before, state = resume_from_checkpoint(tr, quiet) if resume else (0, 0.0, {})
+        flops = count_flops(tr.raw_model, tr.task.example_inputs(tr.raw_model), tr.engine)
 
-    sampler = EpochSampler(len(tr.data), cfg.train.seed)
-    watch = Watch(tr)
-    log = MetricsLog(tr, start, quiet)
-    train_seconds = 0.0
-    last_ckpt = run.checkpoints.latest()
-    step = start
-    end = tr.steps if stop_after is None else min(tr.steps, start + stop_after)
-    try:
+        sampler = EpochSampler(len(tr.data), cfg.train.seed)
+        watch = Watch(tr, int(state.get("sample_grids", 0)), float(state.get("sample_grid_seconds", 0.0)))
+        log = MetricsLog(tr, start, quiet)
+        train_seconds = 0.0
+        last_ckpt = run.checkpoints.latest()
+        step = start
+        end = tr.steps if stop_after is None else min(tr.steps, start + stop_after)
+
+        def checkpoint() -> Path | None:
+            watched = {"sample_grids": watch.grids, "sample_grid_seconds": watch.grid_seconds}
+            return save_checkpoint(tr, step, seconds_before + train_seconds, watched) or last_ckpt
+
         tr.model.train()
         while step < end:
             step += 1
@@ -421,22 +434,19 @@ def train(
                 watch.log_record(record)
             watch.after_step(step)  # the topology after an update, the sample grid when one is due
             if step % cfg.train.ckpt_every == 0 and step < end:
-                last_ckpt = save_checkpoint(tr, step, seconds_before + train_seconds) or last_ckpt
-        last_ckpt = save_checkpoint(tr, step, seconds_before + train_seconds) or last_ckpt
+                last_ckpt = checkpoint()
+        last_ckpt = checkpoint()
     finally:
-        log.close()
-        watch.finish()
+        if log is not None:
+            log.close()
+        finish_trackers(accelerator)
 
     consistency = _rank_consistency(accelerator, tr.engine, tr.raw_model)
     summary: dict[str, Any] = {}
     if tr.is_main:
         result = summarize(tr, step, seconds_before + train_seconds, last_ckpt, flops, consistency)
-        # grids of this call plus those of the calls before it (a run trained in parts)
-        before = (run.read_summary() or {}) if resume else {}
-        grids = int(before.get("sample_grids") or 0) + watch.grids
-        result.sample_grids = grids or None
-        result.sample_grid_seconds = float(before.get("sample_grid_seconds") or 0.0) + watch.grid_seconds
-        result.sample_grid_seconds = result.sample_grid_seconds if grids else None
+        result.sample_grids = watch.grids or None  # the whole run's (kept in its checkpoints)
+        result.sample_grid_seconds = watch.grid_seconds if watch.grids else None
         summary = run.write_summary(result)
     accelerator.wait_for_everyone()
     tr.engine.remove()

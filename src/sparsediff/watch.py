@@ -34,10 +34,11 @@ import numpy as np
 import torch
 
 from .config import RunConfig, flatten
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 from .run import RunDir
 
 TRACKERS = ("none", "tensorboard", "wandb", "all")
+EVAL_STEP = "eval/train_step"  # the x-axis of evaluations on W&B
 EXTRA = "pip install 'sparsediff[tracking]'"
 _MODULE_OF = {"tensorboard": "tensorboard", "wandb": "wandb"}  # the package each tracker imports
 
@@ -51,14 +52,25 @@ def tracker_names(report_to: str | None) -> list[str]:
     Raises:
         ConfigError: an unknown name, or a tracker whose package is missing (naming the extra to install).
     """
-    value = (report_to or "none").strip().lower()
+    value = "none" if report_to is None else report_to
     if value not in TRACKERS:
-        raise ConfigError(f"train.report_to must be one of {', '.join(TRACKERS)}, got {report_to!r}")
+        raise ConfigError(
+            f"train.report_to (--report-to) must be one of {', '.join(TRACKERS)}, got {report_to!r}"
+        )
     names = {"none": [], "all": ["tensorboard", "wandb"]}.get(value, [value])
     for name in names:
         if importlib.util.find_spec(_MODULE_OF[name]) is None:
             raise ConfigError(
-                f"--report-to {value} needs the {_MODULE_OF[name]!r} package, which is not installed: {EXTRA}"
+                f"train.report_to={value} (--report-to {value}) needs the {_MODULE_OF[name]!r} package, "
+                f"which is not installed: {EXTRA}"
+            )
+    if names:
+        from accelerate.tracking import GeneralTracker
+
+        if not hasattr(GeneralTracker, "start"):  # older releases start a tracker when it is built
+            raise ConfigError(
+                "train.report_to needs an accelerate release whose trackers start in init_trackers "
+                "(pip install -U accelerate)"
             )
     return names
 
@@ -77,15 +89,6 @@ def check_watch_settings(cfg: RunConfig) -> list[str]:
     return tracker_names(t.report_to)
 
 
-def tracking_ids(run: RunDir) -> dict[str, str]:
-    """The tracker run ids this run directory keeps (``RUN/tracking.json``; empty before the first start)."""
-    try:
-        data = json.loads(run.tracking_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return {k: str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-
-
 def make_trackers(
     names: list[str], cfg: RunConfig, run: RunDir, job: str = "train", quiet: bool = False
 ) -> list[Any]:
@@ -102,7 +105,7 @@ def make_trackers(
     if "tensorboard" in names:
         out.append(TensorBoardTracker(run_name=RunDir.TENSORBOARD, logging_dir=str(run.path)))
     if "wandb" in names:
-        ids = tracking_ids(run)
+        ids = run.read_tracking_ids()
         out.append(
             WandBTracker(
                 run_name=t.tracker_project,
@@ -112,7 +115,8 @@ def make_trackers(
                 resume="allow",
                 dir=str(run.path),
                 job_type=job,
-                settings={"silent": quiet, "console": "off"},  # the run's output stays the run's
+                # the run's output stays the run's; a W&B run left open in this process is finished
+                settings={"silent": quiet, "console": "off", "reinit": "finish_previous"},
             )
         )
     return out
@@ -120,12 +124,12 @@ def make_trackers(
 
 def keep_tracking_ids(run: RunDir, trackers: list[Any]) -> None:
     """Write the W&B run id of ``trackers`` into ``RUN/tracking.json`` (main process, after the start)."""
-    ids = tracking_ids(run)
+    ids = run.read_tracking_ids()
     for tracker in trackers:
         if tracker.name == "wandb":
             ids["wandb_id"] = tracker.init_kwargs["id"]
     if ids:
-        run.tracking_path.write_text(json.dumps(ids, indent=2))
+        run.write_tracking_ids(ids)
 
 
 def hyperparameters(cfg: RunConfig) -> dict[str, Any]:
@@ -142,19 +146,47 @@ def hyperparameters(cfg: RunConfig) -> dict[str, Any]:
 
 
 def start_trackers(accelerator: Any, cfg: RunConfig, run: RunDir) -> None:
-    """``accelerator.init_trackers`` with the run config as hyperparameters (no-op without trackers)."""
-    if accelerator.log_with:
-        accelerator.init_trackers(cfg.train.tracker_project, config=hyperparameters(cfg))
-        if accelerator.is_main_process:
+    """``accelerator.init_trackers`` with the run config as hyperparameters (no-op without trackers), on
+    every process: the main one starts them, and a failure there is raised on all
+    (:func:`raise_on_every_rank`)."""
+    if not accelerator.log_with:
+        return
+    error = None
+    if accelerator.is_main_process:
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+            accelerator.init_trackers(cfg.train.tracker_project, config=hyperparameters(cfg))
             keep_tracking_ids(run, accelerator.trackers)
+        except Exception as e:  # noqa: BLE001 (raised below, on every process)
+            error = e
+    raise_on_every_rank(accelerator, error, "starting the trackers")
 
 
 def finish_trackers(accelerator: Any) -> None:
     """Close the started trackers (what ``accelerator.end_training`` does, without ending the process
-    group: ``train()`` is a library call, the caller's distributed job may go on)."""
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    accelerator.trackers.clear()
+    group: ``train()`` is a library call, the caller's distributed job may go on). Every tracker is
+    closed even when one fails to; the first failure is raised after."""
+    trackers, accelerator.trackers = list(accelerator.trackers), []
+    failure = None
+    for tracker in trackers:
+        try:
+            tracker.finish()
+        except Exception as e:  # noqa: BLE001 (the others must still be closed)
+            failure = failure or e
+    if failure is not None:
+        raise failure
+
+
+def raise_on_every_rank(accelerator: Any, error: BaseException | None, what: str) -> None:
+    """Raise ``error`` (from the main process) on every process: work only the main process does (starting
+    the trackers, drawing a grid) must not leave the others waiting for it forever when it fails."""
+    flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    if float(flag.sum()) > 0:
+        if error is not None:
+            raise error
+        raise TrainingError(f"{what} failed on the main process (its error is in its output); stopped")
 
 
 def log_image(accelerator: Any, key: str, image: np.ndarray, step: int) -> None:
@@ -187,17 +219,29 @@ def log_evaluation(
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), log_with=make_trackers(names, cfg, run, "evaluate", quiet)
     )
-    accelerator.init_trackers(cfg.train.tracker_project)
-    keep_tracking_ids(run, accelerator.trackers)
     step = int(result.get("train_steps") or 0)
     fid = result["fid"]
     keys = ("generate_seconds", "sample_seconds", "params_nonzero", "density", "flops_per_sample_sparse")
     values = {f"eval/{fid['metric']}": float(fid["value"])}
     values.update({f"eval/{k}": result[k] for k in keys if isinstance(result.get(k), (int, float))})
-    accelerator.log(values, step=step)
-    if result.get("grid"):
-        log_image(accelerator, "eval/samples", read_image(Path(result["grid"])), step)
-    finish_trackers(accelerator)
+    grid = read_image(Path(result["grid"])) if result.get("grid") else None
+    try:
+        accelerator.init_trackers(cfg.train.tracker_project)
+        keep_tracking_ids(run, accelerator.trackers)
+        for tracker in accelerator.trackers:
+            if tracker.name == "wandb":
+                # W&B's own step only increases and a resumed W&B run starts after its last one: the
+                # evaluation gets its own x-axis, the training step it was made at
+                tracker.run.define_metric("eval/*", step_metric=EVAL_STEP)
+                tracker.log({**values, EVAL_STEP: step})
+                if grid is not None:
+                    tracker.log_images({"eval/samples": [grid]})
+            else:
+                tracker.log(values, step=step)
+                if grid is not None:
+                    tracker.log_images({"eval/samples": grid[None]}, step=step, dataformats="NHWC")
+    finally:
+        finish_trackers(accelerator)
 
 
 # ---------------------------------------------------------------------------- sample grids
@@ -221,12 +265,15 @@ def ema_weights(model: torch.nn.Module, ema: Any) -> Iterator[torch.nn.Module]:
     tensor's version (a compact layer's dense copy) sees the change.
     """
     params = list(model.parameters())
-    if len(params) != len(ema.shadow_params):
-        raise RuntimeError("the EMA does not line up with the model's parameters")
+    shadows = list(ema.shadow_params)
+    if len(params) != len(shadows) or any(p.shape != s.shape for p, s in zip(params, shadows)):
+        raise RuntimeError(
+            f"the EMA ({len(shadows)} tensors) does not line up with the model's {len(params)} parameters"
+        )
     was_training = model.training
     with torch.no_grad():
         saved = [p.detach().clone() for p in params]
-        for p, s in zip(params, ema.shadow_params):
+        for p, s in zip(params, shadows):
             p.copy_(s.to(device=p.device, dtype=p.dtype))
     model.eval()
     try:
@@ -250,7 +297,7 @@ def draw_grid(task: Any, model: torch.nn.Module, cfg: RunConfig, device: torch.d
         sampler="ddim",
         steps=t.sample_steps,
         eta=cfg.sample.eta,
-        batch_size=t.sample_num,
+        batch_size=min(t.sample_num, cfg.sample.batch_size),
         device=device,
         progress=False,
     )
@@ -276,10 +323,9 @@ def topology_layers(report: Any) -> list[dict[str, Any]]:
 class Watch:
     """What the training loop calls to be watched (see the module docstring); inert when nothing is on."""
 
-    def __init__(self, tr: Any):
+    def __init__(self, tr: Any, grids: int = 0, grid_seconds: float = 0.0):
         self.tr = tr
-        self.grid_seconds = 0.0
-        self.grids = 0
+        self.grids, self.grid_seconds = grids, grid_seconds  # of the whole run (a resumed one: so far)
         self.updates_seen = tr.engine.num_updates
 
     @property
@@ -305,15 +351,23 @@ class Watch:
             if self.tracking and tr.is_main:
                 self._log_topology(step)
         if grid_due(tr.cfg, step, tr.steps):
+            error = None
             if tr.is_main:
-                t0 = time.perf_counter()
-                with ema_weights(tr.raw_model, tr.ema) as model:
-                    path = draw_grid(tr.task, model, tr.cfg, tr.accelerator.device, grid_path(tr.run, step))
-                self.grid_seconds += time.perf_counter() - t0
-                self.grids += 1
-                if self.tracking:
-                    log_image(tr.accelerator, "samples", read_image(path), step)
-            tr.accelerator.wait_for_everyone()
+                try:
+                    self._draw(step)
+                except Exception as e:  # noqa: BLE001 (raised below, on every process)
+                    error = e
+            raise_on_every_rank(tr.accelerator, error, f"drawing the sample grid of step {step}")
+
+    def _draw(self, step: int) -> None:
+        tr = self.tr
+        t0 = time.perf_counter()
+        with ema_weights(tr.raw_model, tr.ema) as model:
+            path = draw_grid(tr.task, model, tr.cfg, tr.accelerator.device, grid_path(tr.run, step))
+        self.grid_seconds += time.perf_counter() - t0
+        self.grids += 1
+        if self.tracking:
+            log_image(tr.accelerator, "samples", read_image(path), step)
 
     def _log_topology(self, step: int) -> None:
         from .report.plots import plot_topology
@@ -326,6 +380,3 @@ class Watch:
             path = Path(tmp) / "topology.png"
             plot_topology(topology_layers(report), None, f"{self.tr.run.path.name}, step {step}", path)
             log_image(self.tr.accelerator, "topology/layers", read_image(path), step)
-
-    def finish(self) -> None:
-        finish_trackers(self.tr.accelerator)

@@ -20,6 +20,7 @@ from ..config import RunConfig, deep_update, flatten, load_config, parse_overrid
 from ..errors import ConfigError
 from ..sparse.methods import REGISTRY, is_dense
 from ..sparse.spec import DYNAMIC_METHODS, UNSTRUCTURED_METHODS
+from ..watch import check_watch_settings
 
 __all__ = [
     "DYNAMIC_METHODS",
@@ -276,7 +277,8 @@ def plan_runs(
     directory's name, unless ``overrides`` name them; ``report_to`` sets ``train.report_to``.
 
     Raises:
-        ConfigError: a bad preset or override (naming the key), or an override of a key the grid sets.
+        ConfigError: a bad preset or override (naming the key), an override of a key the grid sets, or
+            watch settings a run could not start with (a tracker that is not installed).
     """
     out = Path(out).resolve()
     base = override_dict(overrides)
@@ -301,6 +303,7 @@ def plan_runs(
         naming["tracker_group"] = given.get("tracker_group") or out.name
         deep_update(data, {"train": naming})
         cfg = load_config(preset, data)
+        check_watch_settings(cfg)  # grids and trackers too, before anything trains
         planned.append(PlannedRun(point, cfg, out / point.name, out / CONFIGS / f"{point.name}.yaml"))
     return planned
 

@@ -22,7 +22,6 @@ from ..config import load_config
 from ..errors import ConfigError, SparsediffError, TrainingError
 from ..progress import format_seconds, progress_bar
 from ..run import RunDir
-from ..watch import tracker_names
 from .plan import (
     CONFIGS,
     Overrides,
@@ -381,8 +380,6 @@ def sweep(spec: SweepSpec | None = None, /, *, quiet: bool = False, **fields: An
     points = spec.points()
     # validate before training anything (a tracker that is not installed included)
     plan_runs(spec.preset, points, out, spec.steps, spec.overrides, report_to=spec.report_to)
-    if spec.report_to is not None:
-        tracker_names(spec.report_to)
     out.mkdir(parents=True, exist_ok=True)
     fs = resolve_first_stage(spec.preset, spec.overrides, spec.first_stage, out, quiet)
     runs = plan_runs(spec.preset, points, out, spec.steps, spec.overrides, fs, spec.report_to)

@@ -224,10 +224,10 @@ class Task(abc.ABC):
             paths.append(path)
         return paths
 
-    def preview_images(self, samples: Samples) -> torch.Tensor:
-        """uint8 (N, C, H, W) images of ``samples`` for looking at (sample grids); the samples themselves
-        by default."""
-        return samples.images
+    def preview_images(self, samples: Samples, limit: int | None = None) -> torch.Tensor:
+        """uint8 (N, C, H, W) images of the first ``limit`` (default: all) ``samples`` for looking at
+        (sample grids); the samples themselves by default."""
+        return samples.images[:limit]
 
     def decode_flops(self) -> int:
         """Dense FLOPs of turning one generated sample into data (the first-stage decoder)."""

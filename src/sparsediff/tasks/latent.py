@@ -169,13 +169,18 @@ class LatentDiffusionTask(Task):
         """Images: latents denoised batch by batch and decoded by the first stage."""
         shape = self.data_shape()
         fs = self.first_stage
+        home = next(fs.parameters()).device if fs is not None else None
         if fs is not None:
             fs.to(sampling.device)
         images = []
-        for batch in sampling.batches("samples"):
-            z = sampling.denoise(model, self.schedule, (len(batch), *shape), clip_x0=self.pixel_space)
-            x = z if fs is None else fs.decode(z)
-            images.append(to_uint8(x.float().cpu()))
+        try:
+            for batch in sampling.batches("samples"):
+                z = sampling.denoise(model, self.schedule, (len(batch), *shape), clip_x0=self.pixel_space)
+                x = z if fs is None else fs.decode(z)
+                images.append(to_uint8(x.float().cpu()))
+        finally:
+            if fs is not None:
+                fs.to(home)  # back where it was: during training it waits on the CPU between grids
         return Samples(images=torch.cat(images))
 
     def reference_images(self, n: int | None = None) -> torch.Tensor:

@@ -251,14 +251,14 @@ class StrokeDiffusionTask(Task):
             ref = ref[torch.from_numpy(keep)]
         return ref
 
-    def preview_images(self, samples: Samples) -> torch.Tensor:
+    def preview_images(self, samples: Samples, limit: int | None = None) -> torch.Tensor:
         """The drawings rasterised at ``GRID_CELL_SIZE`` with proportionally wider lines (the FID rasters
         are too small to read in a grid); the rasters themselves for samples made elsewhere."""
         drawings = samples.extras.get("strokes")
         if drawings is None:
-            return samples.images
+            return samples.images[:limit]
         width = self.raster_line_width * GRID_CELL_SIZE / self.raster_size
-        return rasterize_drawings(drawings, GRID_CELL_SIZE, width)
+        return rasterize_drawings(drawings[:limit], GRID_CELL_SIZE, width)
 
     def save_samples(self, samples: Samples, out_dir: Path) -> list[Path]:
         """``000000.png`` (a ``PREVIEW_SIZE`` raster, for looking at) and ``000000.svg`` per sample."""
