@@ -15,7 +15,10 @@
   sync`` uploads later). Both come with ``pip install 'sparsediff[tracking]'``.
 - A run is named on a dashboard by ``train.tracker_name`` (default: its directory's name) and grouped by
   ``train.tracker_group`` (a sweep sets its own directory's name); a resumed run, and ``sparsediff
-  evaluate --report-to``, log into the same tracker run (the W&B run id is kept in ``RUN/tracking.json``).
+  evaluate --report-to``, log into the same tracker run (the W&B run id is kept in ``RUN/tracking.json``;
+  W&B plots evaluations against ``eval/train_step``, its own step only increasing).
+- Only the main process starts trackers and draws grids; a failure there is raised on every process
+  (:func:`raise_on_every_rank`), so the others never wait for it forever.
 """
 
 from __future__ import annotations
