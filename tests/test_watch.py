@@ -296,6 +296,8 @@ def test_engines_track_the_weights_ever_active_exactly():
     masked, _, _, history = _engine_run("dense", 24)
     compact, _, _, compact_history = _engine_run("sparse", 24)
     assert history == compact_history  # both engines, the same topology
+    compact.state_dict()
+    assert compact._bool_cache is None  # reports and states build one layer's mask at a time, keep none
     assert all(a <= b for a, b in zip(history, history[1:])) and history[-1] > history[0]
     report = masked.report()
     for layer, mask in zip(report.layers, masked.masks.values()):

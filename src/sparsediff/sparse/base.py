@@ -130,6 +130,25 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return opt
 
 
+class _LayerMasks(Mapping):
+    """An engine's masks as a mapping that builds each one when it is read and keeps none: reports count
+    them layer by layer without the masks of the whole model existing at once."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._engine.names:
+            raise KeyError(name)
+        return self._engine._layer_mask(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._engine.names)
+
+    def __len__(self) -> int:
+        return len(self._engine.names)
+
+
 # ---------------------------------------------------------------------------------------------- contract
 
 
@@ -300,10 +319,10 @@ class Engine(abc.ABC):
 
     def report(self) -> DensityReport:
         """Per-layer and total density from the masks (active positions), with measured non-zeros."""
-        masks, budgets = self.masks, self.budgets
+        budgets = self.budgets
         layers = []
-        for name in self.names:
-            shape, mask = self._shapes[name], masks[name]
+        for name in self.names:  # one layer's mask at a time (a compact engine builds each from its layout)
+            shape, mask = self._shapes[name], self._layer_mask(name)
             active = int(mask.count_nonzero())
             nonzero = int(torch.count_nonzero(self._effective_weight(name, mask)))
             numel = math.prod(shape)
@@ -312,7 +331,8 @@ class Engine(abc.ABC):
         if ever is not None:
             for layer in layers:
                 layer.ever_active = ever[layer.name]
-        counts = parameter_counts(self._counted_parameters(), masks)  # the one definition (counts.py)
+        # the one definition (counts.py), its masks again one layer at a time
+        counts = parameter_counts(self._counted_parameters(), _LayerMasks(self))
         return self._make_report(
             layers=layers,
             params_total=counts.total,
@@ -321,6 +341,10 @@ class Engine(abc.ABC):
             target_nonzero=counts.target_nonzero,
             target_ever_active=None if ever is None else sum(ever.values()),
         )
+
+    def _layer_mask(self, name: str) -> torch.Tensor:
+        """The current mask of target ``name`` (bool or 0/1, the weight's shape)."""
+        return self.masks[name]
 
     def _ever_active_counts(self, active: dict[str, int]) -> dict[str, int] | None:
         """Layer name -> positions active at any step so far, given each layer's ``active`` count now;

@@ -368,7 +368,8 @@ class CompactEngine(SparseEngine):
     def _state_extra(self) -> dict[str, Any]:
         return {
             "budgets": dict(self.budgets),
-            "masks": {n: m.detach().cpu().clone() for n, m in self.masks.items()},
+            # built layer by layer from the layouts, not kept: the masks are not held between updates
+            "masks": {n: self._layer_mask(n).detach().cpu().clone() for n in self.names},
             "backend": self.BACKEND,
             "kernel_modes": {n: t.host.kernel_mode for n, t in self.targets.items()},
             **self._ever_active_state(),

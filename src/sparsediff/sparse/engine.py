@@ -422,7 +422,6 @@ class SparseEngine(Engine):
             self._ever.load(state.get("ever_active") or {}, self._layer_mask)
 
     def _layer_mask(self, name: str) -> torch.Tensor:
-        """The current mask of layer ``name`` (bool or 0/1, the weight's shape)."""
         return self._masks[name]
 
     def _saved_shapes(self, state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
