@@ -22,6 +22,7 @@ builds the layout from a mask, gives the flat positions of the values, scatters 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -380,11 +381,28 @@ def dense_weight(host: nn.Module, name: str) -> torch.Tensor:
     return _DenseWeight.apply(cw.values(host), host, name)
 
 
-@torch.compiler.disable  # Python bookkeeping of RigL update steps: run eagerly inside a compiled backward
 def hand_to_capture(host: nn.Module, name: str, dense_grad) -> None:
     """Hand the dense gradient of ``host``'s compact weight ``name`` to the RigL capture of this step, if
     there is one (``dense_grad``: the tensor, or a function computing it, so that other steps pay
-    nothing)."""
+    nothing).
+
+    This is Python bookkeeping of RigL's update steps: inside a compiled backward it runs eagerly
+    (``torch.compiler.disable``). The disabled version is made at the first call once torch's compiler is
+    loaded: nothing can compile before that, and importing it at import time would cost every process
+    that imports sparsediff about 1.7 s.
+    """
+    global _EAGER_HAND_TO_CAPTURE
+    if "torch._dynamo" not in sys.modules:
+        return _hand_to_capture(host, name, dense_grad)
+    if _EAGER_HAND_TO_CAPTURE is None:
+        _EAGER_HAND_TO_CAPTURE = torch.compiler.disable(_hand_to_capture)
+    return _EAGER_HAND_TO_CAPTURE(host, name, dense_grad)
+
+
+_EAGER_HAND_TO_CAPTURE = None
+
+
+def _hand_to_capture(host: nn.Module, name: str, dense_grad) -> None:
     capture = host.capture
     if capture is None or name not in capture:
         return
