@@ -90,6 +90,48 @@ def assert_same_state(a: Path, b: Path) -> None:
 # ---------------------------------------------------------------------------- engine tests
 
 
+def mlp_run(
+    steps: int,
+    *,
+    sizes: tuple[int, int, int] = (16, 64, 8),
+    batch: int = 32,
+    compiled: bool = False,
+    resume_from: tuple | None = None,
+    after_step=None,
+    **sparse,
+):
+    """A seeded two-layer MLP trained to optimiser step ``steps`` on seeded inputs (AdamW, loss: the squared
+    output), sparsified with ``sparse`` (``sparsify`` keywords; default RigL at 90 %, 40 total steps, an
+    update every 4): ``(engine, model, optimizer, [after_step(engine) after each step])``.
+
+    ``compiled``: the forward through ``torch.compile`` (aot_eager). ``resume_from``: ``(model, optimizer,
+    engine state)`` to go on from, loaded as the trainer resumes (weights, optimiser, then the engine).
+    """
+    import sparsediff
+
+    sparse = {"method": "rigl", "sparsity": 0.9, "total_steps": 40, "update_every": 4, **sparse}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.ReLU(), nn.Linear(sizes[1], sizes[2]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine = sparsediff.sparsify(model, opt, **sparse)
+    if resume_from is not None:
+        saved_model, saved_opt, state = resume_from
+        model.load_state_dict(saved_model.state_dict())
+        opt.load_state_dict(saved_opt.state_dict())
+        engine.load_state_dict(state)
+    forward = torch.compile(model, backend="aot_eager") if compiled else model
+    seen = []
+    for s in range(engine.step_count, steps):
+        x = torch.randn(batch, sizes[0], generator=torch.Generator().manual_seed(s))
+        forward(x).pow(2).mean().backward()
+        opt.step()
+        engine.step()
+        opt.zero_grad()
+        if after_step is not None:
+            seen.append(after_step(engine))
+    return engine, model, opt, seen
+
+
 class LayerBank(nn.Module):
     """Independent layers, each fed its own input: any mix of shapes without shape chaining."""
 

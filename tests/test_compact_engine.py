@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import sparsediff
-from helpers import invariant_problems
+from helpers import invariant_problems, mlp_run
 from sparsediff.errors import ConfigError
 from sparsediff.sparse.api import resolve_spec
 from sparsediff.sparse.compact_engine import CompactEngine
@@ -488,26 +488,16 @@ def test_state_dict_round_trip_re_lays_a_fresh_engine_out():
 
 
 def _rigl_on_compact_layers(compiled: bool) -> tuple[list[torch.Tensor], int, dict[str, torch.Tensor]]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 16))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    engine = sparsediff.sparsify(
-        model,
-        opt,
-        method="rigl",
-        sparsity=0.9,
+    engine, model, _, _ = mlp_run(
+        9,
+        sizes=(32, 128, 16),
+        batch=8,
+        compiled=compiled,
         total_steps=20,
         update_every=3,
         backend="sparse",
         kernels="sparse",
     )
-    forward = torch.compile(model, backend="aot_eager") if compiled else model
-    for s in range(9):
-        x = torch.randn(8, 32, generator=torch.Generator().manual_seed(s))
-        forward(x).pow(2).mean().backward()
-        opt.step()
-        engine.step()
-        opt.zero_grad()
     return [p.detach().clone() for p in model.parameters()], engine.num_updates, engine.masks
 
 

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from helpers import TINY_LDM as TINY
-from helpers import assert_same_state, wandb_history
+from helpers import assert_same_state, mlp_run, wandb_history
 from helpers import tiny_ldm as tiny
 from sparsediff.cli import main as cli
 from sparsediff.errors import ConfigError
@@ -263,30 +263,13 @@ def test_sweep_runs_are_named_by_their_point_and_grouped_by_the_sweep(first_stag
 def _engine_run(backend: str, steps: int, method: str = "rigl", resume_from=None):
     """A small RigL (or ``method``) run at 90 % to ``steps``: ``(engine, model, optimizer, fraction ever
     active after each step)``; ``resume_from``: ``(model, optimizer, engine state)`` to go on from."""
-    from torch import nn
-
-    import sparsediff
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    engine = sparsediff.sparsify(
-        model, opt, method=method, sparsity=0.9, total_steps=40, update_every=4, backend=backend
+    return mlp_run(
+        steps,
+        method=method,
+        backend=backend,
+        resume_from=resume_from,
+        after_step=lambda engine: engine.report().ever_active_fraction,
     )
-    if resume_from is not None:  # as the trainer resumes: weights, optimiser, then the engine
-        saved_model, saved_opt, state = resume_from
-        model.load_state_dict(saved_model.state_dict())
-        opt.load_state_dict(saved_opt.state_dict())
-        engine.load_state_dict(state)
-    history = []
-    for s in range(engine.step_count, steps):
-        x = torch.randn(32, 16, generator=torch.Generator().manual_seed(s))
-        model(x).pow(2).mean().backward()
-        opt.step()
-        engine.step()
-        opt.zero_grad()
-        history.append(engine.report().ever_active_fraction)
-    return engine, model, opt, history
 
 
 def test_engines_track_the_weights_ever_active_exactly():

@@ -230,12 +230,12 @@ def _during(out: Path, rows: list, prefix: str) -> list[str]:
     row = max(rows, key=lambda r: r[1])  # the sparsest run: the one whose progress is most in question
     method, sparsity, _backend, run_dir, _r = row
     run = RunDir(run_dir)
-    paths = sorted(run.during_dir.glob("step-*.png"))
-    if not paths:
+    found = run.during_grids()
+    if not found:
         return []
     grids = out / "grids"
     grids.mkdir(exist_ok=True)
-    steps = [int(p.stem.split("-")[1]) for p in paths]
+    steps, paths = [s for s, _ in found], [p for _, p in found]
     names = [f"{prefix}during-{run_dir.name}-{step}.png" for step in steps]
     for path, name in zip(paths, names):
         shutil.copyfile(path, grids / name)

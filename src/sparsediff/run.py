@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,6 +297,15 @@ class RunDir:
     def during_dir(self) -> Path:
         return self._path / self.SAMPLES / self.DURING
 
+    def during_grid_path(self, step: int) -> Path:
+        """The sample grid drawn while training at optimiser step ``step``."""
+        return self.during_dir / f"step-{step:08d}.png"
+
+    def during_grids(self) -> list[tuple[int, Path]]:
+        """``(step, path)`` of every grid drawn while training, by step."""
+        paths = self.during_dir.glob("step-*.png")
+        return sorted((int(p.stem[5:]), p) for p in paths if p.stem[5:].isdigit())
+
     @property
     def tensorboard_dir(self) -> Path:
         return self._path / self.TENSORBOARD
@@ -385,8 +395,6 @@ class RunDir:
             return {}
         data = _read_json(self.tracking_path)
         if data is None:
-            import warnings
-
             warnings.warn(
                 f"{self.tracking_path} cannot be read: the trackers start new runs instead of resuming theirs",
                 UserWarning,

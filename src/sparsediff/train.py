@@ -52,7 +52,14 @@ from .run import RunDir, RunSummary, load_init_weights
 from .sparse import Engine, count_flops, derive_seed, sparsify, training_flops_per_step, training_flops_total
 from .sparse.io import engine_state_from_tensors, engine_state_to_tensors
 from .tasks import Task, TrainData, make_task
-from .watch import Watch, check_watch_settings, finish_trackers, make_trackers, start_trackers
+from .watch import (
+    Watch,
+    check_watch_settings,
+    finish_trackers,
+    make_trackers,
+    start_trackers,
+    topology_layers,
+)
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -133,8 +140,9 @@ def start_run(
 
     Nothing is written to the run directory until the configuration, the task, the first stage, the
     training data and the sparse engine are all in place: a start that fails (the trackers' start
-    included) leaves no directory behind (when there was none before), so the corrected command can run. The main process creates the
-    directory; the others wait for it.
+    included) leaves no directory behind (when there was none before), so the corrected command can
+    run, and a resumed run's config as it was. The main process creates the directory; the others wait
+    for it.
     """
     if accelerator.is_main_process:
         run.check_start(cfg, resume)
@@ -510,8 +518,6 @@ def summarize(
 def _topology(report: Any) -> dict[str, Any] | None:
     """The summary's picture of the topology: the fraction of the sparsified weights ever active and, per
     layer, density and fraction ever active (None for dense and N:M runs)."""
-    from .watch import topology_layers
-
     if report.ever_active_fraction is None or not report.layers:
         return None
     return {"ever_active": report.ever_active_fraction, "layers": topology_layers(report)}

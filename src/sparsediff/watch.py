@@ -194,10 +194,16 @@ def raise_on_every_rank(accelerator: Any, error: BaseException | None, what: str
 def log_image(accelerator: Any, key: str, image: np.ndarray, step: int) -> None:
     """Log one uint8 image (H, W, 3) to every started tracker, through accelerate's ``log_images``."""
     for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.log_images({key: image[None]}, step=step, dataformats="NHWC")
-        elif hasattr(tracker, "log_images"):
-            tracker.log_images({key: [image]}, step=step)
+        _log_image_to(tracker, key, image, step)
+
+
+def _log_image_to(tracker: Any, key: str, image: np.ndarray, step: int | None) -> None:
+    """One uint8 image (H, W, 3) to one tracker, in the form its ``log_images`` takes (``step`` None:
+    the tracker's own next step)."""
+    if tracker.name == "tensorboard":
+        tracker.log_images({key: image[None]}, step=step, dataformats="NHWC")
+    elif hasattr(tracker, "log_images"):
+        tracker.log_images({key: [image]}, step=step)
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -236,21 +242,15 @@ def log_evaluation(
                 # evaluation gets its own x-axis, the training step it was made at
                 tracker.run.define_metric("eval/*", step_metric=EVAL_STEP)
                 tracker.log({**values, EVAL_STEP: step})
-                if grid is not None:
-                    tracker.log_images({"eval/samples": [grid]})
             else:
                 tracker.log(values, step=step)
-                if grid is not None:
-                    tracker.log_images({"eval/samples": grid[None]}, step=step, dataformats="NHWC")
+            if grid is not None:
+                _log_image_to(tracker, "eval/samples", grid, None if tracker.name == "wandb" else step)
     finally:
         finish_trackers(accelerator)
 
 
 # ---------------------------------------------------------------------------- sample grids
-
-
-def grid_path(run: RunDir, step: int) -> Path:
-    return run.during_dir / f"step-{step:08d}.png"
 
 
 def grid_due(cfg: RunConfig, step: int, total: int) -> bool:
@@ -392,7 +392,7 @@ class Watch:
         tr = self.tr
         t0 = time.perf_counter()
         with ema_weights(tr.raw_model, tr.ema) as model:
-            path = draw_grid(tr.task, model, tr.cfg, tr.accelerator.device, grid_path(tr.run, step))
+            path = draw_grid(tr.task, model, tr.cfg, tr.accelerator.device, tr.run.during_grid_path(step))
         self.grid_seconds += time.perf_counter() - t0
         self.grids += 1
         if self.tracking:
